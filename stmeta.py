@@ -290,3 +290,589 @@ def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def finetune_table1() -> FinetuneConfig:
+    """Table 1: fine-tuning a pre-trained MAE (mae_st's fine-tuning recipe at 64 px)."""
+    return FinetuneConfig(epochs=50, batch_size=2, lr=0.0, blr=0.0024, weight_decay=0.05, warmup_epochs=5,
+                          layer_decay=0.75, drop_path=0.1, head_dropout=0.5, mixup=0.8, cutmix=1.0,
+                          label_smoothing=0.1)
+
+
+def finetune_table2() -> FinetuneConfig:
+    """Table 2: training a video autoencoder + head from scratch (the dataclass defaults)."""
+    return FinetuneConfig()
+
+
+# -----------------------------------------------------------------------------
+# Config <-> dict, and the --key=value override parser
+
+
+def config_to_dict(cfg) -> dict:
+    """Nested plain dict (JSON- and weights_only-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, d: dict):
+    """Rebuild a (nested) config dataclass from a dict; unknown keys are an error."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _dataclass_type(cls, name)
+        kwargs[name] = config_from_dict(sub, value) if sub is not None else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls, name):
+    """The dataclass type of field `name` of `cls`, or None for a plain field."""
+    default = getattr(cls(), name)
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def flatten_config(cfg, prefix: str = "") -> dict[str, Any]:
+    """{"model.encoder.depth": 9, ...}: every leaf field under its dotted path."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(flatten_config(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _convert(text: str, current: Any, key: str):
+    """Parse `text` to the type of the field's current value."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}={text}: expected true or false")
+    for typ in (int, float):
+        if isinstance(current, typ):
+            try:
+                return typ(text)
+            except ValueError:
+                raise ValueError(f"--{key}={text}: expected {typ.__name__}") from None
+    return text
+
+
+def resolve_key(cfg, key: str) -> str:
+    """A full dotted path, or any unique suffix of one ("depth" is ambiguous, "encoder.depth" is not)."""
+    keys = list(flatten_config(cfg))
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        close = [k for k in keys if key.split(".")[-1] in k][:8]
+        hint = f"; did you mean one of: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint} (python train.py --help lists them all)")
+    raise ValueError(f"config key {key!r} is ambiguous: {', '.join(matches)}")
+
+
+def set_config(cfg, key: str, value: Any) -> None:
+    """Set a dotted key on a nested config, converting strings to the field's type."""
+    full = resolve_key(cfg, key)
+    *parents, leaf = full.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    current = getattr(obj, leaf)
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _convert(value, current, key)
+    setattr(obj, leaf, value)
+
+
+def apply_overrides(cfg, args: list[str]) -> list[str]:
+    """Apply every `--key=value` in args to cfg; return the rest untouched."""
+    rest = []
+    for a in args:
+        if a.startswith("--") and "=" in a:
+            key, value = a[2:].split("=", 1)
+            set_config(cfg, key.replace("-", "_"), value)
+        else:
+            rest.append(a)
+    return rest
+
+
+def diff_configs(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+    """Leaf fields that differ between two nested config dicts: [(key, a, b)]."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, prefix + k + "."))
+            else:
+                out[prefix + k] = v
+        return out
+    fa, fb = flat(a), flat(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+# -----------------------------------------------------------------------------
+# Device, precision, distributed
+
+
+def pick_device(name: str = "auto", verbose: bool = True) -> torch.device:
+    """cuda, then mps, then cpu; says why. A named device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            dev, why = torch.device("cuda"), f"CUDA is available ({torch.cuda.get_device_name(0)})"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            dev, why = torch.device("mps"), "Apple MPS is available"
+        else:
+            dev, why = torch.device("cpu"), "no CUDA or MPS device found"
+        if verbose:
+            print(f"device: {dev} ({why})")
+        return dev
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: MPS is not available on this machine (try --device cpu)")
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r}: choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on a CUDA device that supports it, fp32 everywhere else."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision {precision!r}: choose auto, bf16, fp16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision; nullcontext() for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, str]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a no-op.
+    Returns the Dist info and the device name this rank should use."""
+    if "RANK" not in os.environ:
+        return Dist(), device_name
+    import torch.distributed as tdist
+    dist = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(dist.local_rank)
+        device_name = f"cuda:{dist.local_rank}"
+    tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist, device_name
+
+
+def cleanup_distributed(dist: Dist) -> None:
+    if dist.enabled:
+        import torch.distributed as tdist
+        tdist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Global RNG states, in a form torch.load(weights_only=True) accepts."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one dict, written atomically, loaded without executing code
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(path: str, obj: dict) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash mid-write never leaves a half-written checkpoint under the real name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only, never code.
+    Every failure becomes one CheckpointError that names the file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or it needs "
+                              f"code execution to load, which we refuse): {msg[:300]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict at the top level, found {type(obj).__name__}")
+    return obj
+
+
+# -----------------------------------------------------------------------------
+# Logging: one terminal line plus the same dict appended to log.jsonl
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def format_line(record: dict) -> str:
+    """`step 1200/20000 | loss 0.412 | 38 ms/it | eta 4m`-style line from a record."""
+    parts = []
+    for k, v in record.items():
+        if k in ("time", "total"):
+            continue
+        if k == "step" and "total" in record:
+            parts.append(f"step {v}/{record['total']}")
+        elif isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+        else:
+            parts.append(f"{k} {v}")
+    return " | ".join(parts)
+
+
+class RunLog:
+    """Prints one line per record and appends it as JSON to <run>/log.jsonl."""
+
+    def __init__(self, path: str | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if path and enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def __call__(self, record: dict, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
+        if echo:
+            print(format_line(record), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
+def read_log(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A progress line: done/total, rate and ETA. Rewrites one line on a terminal; prints a
+    plain line every few seconds otherwise (CI logs, pipes)."""
+
+    def __init__(self, total: int, desc: str = "", unit: str = "clips", every: float = 5.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done = 0
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.last >= (0.2 if self.tty else self.every) and self.done < self.total:
+            self.last = now
+            self._print(final=False)
+
+    def _print(self, final: bool) -> None:
+        elapsed = max(time.time() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        line = (f"{self.desc}{' ' if self.desc else ''}{self.done}/{self.total} {self.unit} | "
+                f"{rate:.1f} {self.unit}/s | {'elapsed ' + format_duration(elapsed) if final else 'eta ' + format_duration(eta)}")
+        if self.tty:
+            print("\r" + line.ljust(78), end="\n" if final else "", flush=True)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self._print(final=True)
+
+
+# -----------------------------------------------------------------------------
+# Pictures with pillow: line charts, bar charts, heat maps, frame grids, GIFs
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values covering [lo, hi]."""
+    if not math.isfinite(lo) or not math.isfinite(hi):
+        return [0.0]
+    if hi <= lo:
+        hi = lo + (abs(lo) * 0.1 or 1.0)
+    raw = (hi - lo) / max(n, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
+    start = math.floor(lo / step) * step
+    ticks, t = [], start
+    while t <= hi + step * 1e-6:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def _fmt_tick(v: float) -> str:
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+        return f"{v:.1e}"
+    return f"{v:g}"
+
+
+def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "", xlabel: str = "",
+               ylabel: str = "", size: tuple[int, int] = (640, 400), logy: bool = False) -> None:
+    """One PNG with a line per series: {name: (xs, ys)}, axes with ticks, and a legend."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    left, right, top, bottom = 64, 16, 36, 48
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(13), _font(11)
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if logy:
+        pts = [(x, math.log10(y)) for x, y in pts if y > 0]
+    if not pts:
+        pts = [(0.0, 0.0), (1.0, 1.0)]
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    if x1 == x0:
+        x1 = x0 + 1
+    pad = (y1 - y0) * 0.05 or 0.5
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right), top + (1 - (y - y0) / (y1 - y0)) * (H - top - bottom))
+
+    for t in _nice_ticks(y0, y1):
+        if y0 <= t <= y1:
+            _, yy = px(x0, t)
+            d.line([(left, yy), (W - right, yy)], fill=(232, 232, 232))
+            label = _fmt_tick(10 ** t) if logy else _fmt_tick(t)
+            d.text((left - 6, yy), label, fill="black", font=small, anchor="rm")
+    for t in _nice_ticks(x0, x1):
+        if x0 <= t <= x1:
+            xx, _ = px(t, y0)
+            d.line([(xx, H - bottom), (xx, H - bottom + 4)], fill="black")
+            d.text((xx, H - bottom + 6), _fmt_tick(t), fill="black", font=small, anchor="mt")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        line = [(x, (math.log10(y) if logy else y)) for x, y in zip(xs, ys)
+                if y is not None and math.isfinite(y) and (y > 0 or not logy)]
+        xy = [px(x, y) for x, y in line]
+        if len(xy) > 1:
+            d.line(xy, fill=color, width=2)
+        for p in xy if len(xy) <= 30 else []:
+            d.ellipse([p[0] - 2.5, p[1] - 2.5, p[0] + 2.5, p[1] + 2.5], fill=color)
+        ly = top + 8 + 16 * i
+        d.line([(W - right - 150, ly), (W - right - 130, ly)], fill=color, width=3)
+        d.text((W - right - 125, ly), name, fill="black", font=small, anchor="lm")
+    d.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
+    d.text(((left + W - right) / 2, H - 8), xlabel, fill="black", font=font, anchor="mb")
+    ylab = Image.new("RGB", (H, 18), "white")
+    ImageDraw.Draw(ylab).text((H / 2, 9), ylabel, fill="black", font=font, anchor="mm")
+    img.paste(ylab.rotate(90, expand=True), (2, 0))
+    img.save(path)
+
+
+def bar_chart(path: str, names: list[str], values: list[float], errors: list[float] | None = None,
+              title: str = "", ylabel: str = "", hline: float | None = None, hline_label: str = "",
+              size: tuple[int, int] = (640, 400)) -> None:
+    """Bars with optional +-error whiskers (e.g. 95% CI) and an optional reference line (chance)."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    left, right, top, bottom = 64, 16, 36, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(13), _font(11)
+    errors = errors or [0.0] * len(values)
+    hi = max([v + e for v, e in zip(values, errors)] + [hline or 0.0]) * 1.1 or 1.0
+    lo = min(0.0, min(values))
+
+    def py(v):
+        return top + (1 - (v - lo) / (hi - lo)) * (H - top - bottom)
+
+    for t in _nice_ticks(lo, hi):
+        if lo <= t <= hi:
+            d.line([(left, py(t)), (W - right, py(t))], fill=(232, 232, 232))
+            d.text((left - 6, py(t)), _fmt_tick(t), fill="black", font=small, anchor="rm")
+    n = max(len(values), 1)
+    slot = (W - left - right) / n
+    for i, (name, v, e) in enumerate(zip(names, values, errors)):
+        cx = left + slot * (i + 0.5)
+        bw = slot * 0.6
+        d.rectangle([cx - bw / 2, py(v), cx + bw / 2, py(lo)], fill=PALETTE[i % len(PALETTE)])
+        if e:
+            d.line([(cx, py(v - e)), (cx, py(v + e))], fill="black", width=2)
+            for yy in (py(v - e), py(v + e)):
+                d.line([(cx - 6, yy), (cx + 6, yy)], fill="black", width=2)
+        d.text((cx, py(v + e) - 4), f"{v:.3g}", fill="black", font=small, anchor="mb")
+        for j, part in enumerate(_wrap(name, 22)):
+            d.text((cx, H - bottom + 6 + 13 * j), part, fill="black", font=small, anchor="mt")
+    if hline is not None:
+        d.line([(left, py(hline)), (W - right, py(hline))], fill=(200, 0, 0), width=1)
+        d.text((W - right - 4, py(hline) - 2), hline_label, fill=(200, 0, 0), font=small, anchor="rb")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
+    ylab = Image.new("RGB", (H, 18), "white")
+    ImageDraw.Draw(ylab).text((H / 2, 9), ylabel, fill="black", font=font, anchor="mm")
+    img.paste(ylab.rotate(90, expand=True), (2, 0))
+    img.save(path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return lines + [cur] if cur else lines
+
+
+def heatmap(path: str, matrix, row_names: list[str], col_names: list[str], title: str = "",
+            xlabel: str = "predicted", ylabel: str = "true", cell: int = 0) -> None:
+    """A confusion-matrix style picture: rows normalised by the caller, values in [0, 1]."""
+    from PIL import Image, ImageDraw
+    m = np.asarray(matrix, dtype=np.float64)
+    n_r, n_c = m.shape
+    cell = cell or max(4, min(28, 560 // max(n_r, n_c)))
+    label_w = 8 + 6 * min(24, max((len(s) for s in row_names), default=0)) if cell >= 10 else 30
+    top, left = 40, label_w
+    W, H = left + cell * n_c + 20, top + cell * n_r + (label_w if cell >= 10 else 30)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    small = _font(10)
+    vmax = m.max() if m.size and m.max() > 0 else 1.0
+    for i in range(n_r):
+        for j in range(n_c):
+            v = m[i, j] / vmax
+            c = (int(255 * (1 - v)), int(255 * (1 - 0.6 * v)), 255)
+            d.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1], fill=c)
+    if cell >= 10:
+        for i, name in enumerate(row_names):
+            d.text((left - 4, top + i * cell + cell / 2), name[:24], fill="black", font=small, anchor="rm")
+        lab = Image.new("RGB", (label_w, cell * n_c), "white")
+        ld = ImageDraw.Draw(lab)
+        for j, name in enumerate(col_names):
+            ld.text((label_w - 4, j * cell + cell / 2), name[:24], fill="black", font=small, anchor="rm")
+        img.paste(lab.rotate(90, expand=True), (left, top + cell * n_r + 2))
+    d.rectangle([left, top, left + cell * n_c, top + cell * n_r], outline="black")
+    d.text((W / 2, 6), title, fill="black", font=_font(13), anchor="mt")
+    d.text((W / 2, 22), f"rows: {ylabel}, columns: {xlabel}", fill="black", font=small, anchor="mt")
+    img.save(path)
+
+
+def frame_grid(path: str, rows: list[list[np.ndarray]], row_names: list[str] | None = None,
+               col_names: list[str] | None = None, scale: int = 2) -> None:
+    """Rows of uint8 (H, W, 3) frames, enlarged `scale` times (nearest), with labels."""
+    from PIL import Image, ImageDraw
+    h, w = rows[0][0].shape[:2]
+    h, w = h * scale, w * scale
+    left = 8 + 7 * max((len(s) for s in row_names), default=0) if row_names else 4
+    top = 20 if col_names else 4
+    W, H = left + (w + 2) * max(len(r) for r in rows), top + (h + 2) * len(rows)
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    small = _font(11)
+    for i, row in enumerate(rows):
+        for j, frame in enumerate(row):
+            tile = Image.fromarray(np.ascontiguousarray(frame)).resize((w, h), Image.NEAREST)
+            img.paste(tile, (left + j * (w + 2), top + i * (h + 2)))
+        if row_names:
+            d.text((4, top + i * (h + 2) + h / 2), row_names[i], fill="black", font=small, anchor="lm")
+    for j, name in enumerate(col_names or []):
+        d.text((left + j * (w + 2) + w / 2, 4), name, fill="black", font=small, anchor="mt")
+    img.save(path)
+
+
+def save_gif(path: str, frames: list[np.ndarray], fps: float = 10.0, scale: int = 2) -> None:
+    """An animated GIF from uint8 (H, W, 3) frames, looping forever."""
+    from PIL import Image
+    imgs = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+    if scale != 1:
+        imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
