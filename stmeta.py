@@ -60,7 +60,10 @@ class ViTConfig:
     spt_shift: str = "diagonal_half"
     lsa: bool = True  # locality self-attention: learnable temperature + masked diagonal
     attention: str = "joint"  # "joint" space-time (MAE-ST) | "divided" (TimeSformer)
-    pos_embed: str = "separable"  # "separable" learnable space + time (mae_st) | "sincos" fixed 3-D (VideoMAE)
+    # "separable": learnable space + time (mae_st's default); "joint": one learnable vector per token
+    # (mae_st, sep_pos_embed=False); "sincos": fixed, VideoMAE's table, a 1-D sinusoid over the flat
+    # token index; "sincos3d": fixed, factorised over (t, h, w). The fixed ones are not in the state dict.
+    pos_embed: str = "separable"
     cls_token: bool = False
     drop_path: float = 0.0
     dropout: float = 0.0  # on the attention projection and MLP outputs
