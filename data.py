@@ -96,14 +96,23 @@ def ffmpeg_filter(size: int, fps: float) -> str:
     return f"fps={fps},scale=w='{w}':h='{h}':flags=area,setsar=1,crop={size}:{size}"
 
 
+_FFMPEG_BOILERPLATE = ("Task finished with error code", "Terminating thread", "Nothing was written",
+                       "Error opening input file", "Error opening input files", "Could not open encoder",
+                       "Cannot determine format", "Conversion failed")
+
+
 def _ffmpeg_reason(stderr: bytes) -> str:
-    """ffmpeg's own words for a failure, without its '[decoder @ 0x55d1...]' prefixes."""
+    """ffmpeg's own words for a failure: its first distinct messages, without the
+    '[h264 @ 0x55d1...]' prefixes and the generic lines every failure ends with."""
     lines = []
     for line in stderr.decode("utf-8", "replace").splitlines():
-        line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*", "", line.strip())
+        line = re.sub(r"^(\[[^\]]*@ 0x[0-9a-f]+\]\s*)+", "", line.strip())
         if line and line not in lines:
             lines.append(line)
-    text = "; ".join(lines[-3:])
+    useful = [x for x in lines if not x.startswith(_FFMPEG_BOILERPLATE)] or lines
+    text = "; ".join(useful[:3])
+    if "partial file" in text or "moov atom not found" in text:
+        text = "truncated file: " + text
     return text[:300] if text else "ffmpeg failed without a message"
 
 
@@ -1393,7 +1402,7 @@ def _autocontrast(x):
 def _equalize(x):
     """Per frame and channel histogram equalisation, PIL ImageOps.equalize's lookup table."""
     T, C, H, W = x.shape
-    q = (x * 255).round().long().view(T * C, H * W)
+    q = (x * 255).round().long().reshape(T * C, H * W)
     hist = torch.zeros(T * C, 256).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float32))  # (TC, 256)
     last = 255 - (hist.flip(1) > 0).float().argmax(1, keepdim=True)  # highest non-empty bin
     step = ((hist.sum(1, keepdim=True) - hist.gather(1, last)) // 255)  # (TC, 1)

@@ -1,0 +1,772 @@
+"""Tests for data.py: decoding, source readers, the clip cache, the synthetic benchmark, loading,
+augmentation and episodes. Every fixture is written here (mp4 through imageio, a GIF, CSV, JSON,
+list files); the real clips in ../shared/data are used when present and skipped otherwise.
+
+    python -m pytest tests/test_data.py -q --durations=10
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import DataError, DecodeError  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# -----------------------------------------------------------------------------
+# fixtures: videos written through imageio
+
+
+def write_video(path, frames: np.ndarray, fps: float = 30, **kw) -> Path:
+    """(n, H, W, 3) uint8 -> an H.264 mp4 (or a GIF when path ends in .gif)."""
+    import imageio.v2 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        iio.mimwrite(path, list(frames), duration=1 / fps, loop=0)
+    else:
+        iio.mimwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error", **kw)
+    return path
+
+
+def ramp(n: int, h: int = 48, w: int = 80, step: int = 4) -> np.ndarray:
+    """n solid grey frames, frame k of value step*k: a frame's value says where it came from."""
+    v = (np.arange(n) * step).astype(np.uint8)
+    return np.broadcast_to(v[:, None, None, None], (n, h, w, 3)).copy()
+
+
+def noise_clip(n: int, seed: int, h: int = 36, w: int = 48) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, h, w, 3)) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """A small folder-per-class tree plus broken files, shared by the module's tests."""
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "Playing_Guitar" / "a.mp4", noise_clip(30, 0), fps=30)  # 1 s -> 10 frames
+    write_video(root / "Playing_Guitar" / "b.mp4", noise_clip(45, 1), fps=30)
+    write_video(root / "juggling" / "c.mp4", noise_clip(60, 2), fps=30)
+    write_video(root / "juggling" / "d.gif", noise_clip(12, 3, 32, 32), fps=10)
+    write_video(root / "juggling" / "e.mp4", noise_clip(20, 4), fps=20)
+    (root / "juggling" / "corrupt.mp4").write_bytes(os.urandom(4000))
+    (root / "juggling" / "empty.avi").write_bytes(b"")
+    (root / "juggling" / "notes.txt").write_text("not a video, ignored")
+    (root / "empty_class").mkdir()
+    write_video(root / "loose.mp4", noise_clip(10, 5), fps=10)  # not in a class folder
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A tiny synthetic cache: 10 classes x 6 clips x 12 frames x 16 px."""
+    out = tmp_path_factory.mktemp("synth")
+    data.build_synthetic(out, n_classes=10, clips_per_class=6, frames=12, size=16, seed=3, workers=1, verbose=False)
+    return data.ClipCache(out)
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+
+def test_decode_resamples_frame_rate_and_resizes(tmp_path):
+    # 60 frames at 30 FPS = 2 s -> 20 frames at 10 FPS; output frame i is source frame 3i
+    path = write_video(tmp_path / "ramp.mp4", ramp(60), fps=30)
+    video, length = data.decode_video(path, size=32, fps=10, frames=20)
+    assert video.shape == (20, 32, 32, 3) and video.dtype == np.uint8 and length == 20
+    np.testing.assert_allclose(video.mean((1, 2, 3)), 12 * np.arange(20), atol=4)
+
+
+def test_decode_centre_window_and_annotated_window(tmp_path):
+    path = write_video(tmp_path / "ramp.mp4", ramp(60), fps=30)
+    video, length = data.decode_video(path, size=16, fps=10, frames=10)  # centre 10 of 20: frames 5..14
+    assert length == 10
+    np.testing.assert_allclose(video.mean((1, 2, 3)), 12 * np.arange(5, 15), atol=4)
+    video, length = data.decode_video(path, size=16, fps=10, frames=10, start=1.0, end=1.5)  # source 30..44
+    assert length == 5
+    np.testing.assert_allclose(video[:5].mean((1, 2, 3)), 12 * np.arange(10, 15), atol=4)
+    assert (video[5:] == video[4]).all()  # padded with the last real frame
+
+
+def test_decode_short_clip_is_padded_with_its_last_frame(tmp_path):
+    path = write_video(tmp_path / "short.mp4", ramp(9), fps=30)  # 0.3 s -> 3 frames at 10 FPS
+    video, length = data.decode_video(path, size=16, fps=10, frames=8)
+    assert length == 3 and video.shape == (8, 16, 16, 3)
+    assert (video[3:] == video[2]).all() and not (video[0] == video[2]).all()
+
+
+def test_decode_honours_display_aspect_ratio(tmp_path):
+    # stored 32x32, shown 64x32 (sample aspect 2:1). Quarters red, green, blue, white: the
+    # centre square of the *displayed* frame holds only green and blue.
+    frames = np.zeros((10, 32, 32, 3), np.uint8)
+    for q, col in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]):
+        frames[:, :, q * 8: (q + 1) * 8] = col
+    path = write_video(tmp_path / "sar.mp4", frames, fps=10, output_params=["-aspect", "2:1"])
+    video, _ = data.decode_video(path, size=16, fps=10, frames=5)
+    row = video[0, 8].astype(int)  # (W, 3)
+    assert (row[:6, 1] > 200).all() and (row[-6:, 2] > 200).all()
+    assert (row[:, 0] < 60).all()  # no red: the outer quarters were cropped away
+
+
+def test_decode_gif(tmp_path):
+    path = write_video(tmp_path / "anim.gif", noise_clip(12, 0, 32, 32), fps=10)
+    video, length = data.decode_video(path, size=16, fps=10, frames=20)
+    assert video.shape == (20, 16, 16, 3) and 11 <= length <= 13
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("missing.mp4", None, "file not found"),
+    ("empty.mp4", b"", "empty file"),
+    ("random.mp4", os.urandom(3000), "Invalid data"),
+    ("text.avi", b"hello, not a video\n", "Invalid data"),
+])
+def test_decode_errors_name_the_file_and_reason(tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DecodeError) as e:
+        data.decode_video(path)
+    assert str(path) in str(e.value) and reason in str(e.value)
+
+
+def test_decode_truncated_file(tmp_path):
+    # moov atom at the end (imageio's default): half a file cannot be opened at all
+    whole = write_video(tmp_path / "whole.mp4", noise_clip(30, 0), fps=30).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DecodeError, match="truncated file"):
+        data.decode_video(tmp_path / "cut.mp4")
+    # moov at the front: the first part decodes; it is kept, with a warning and its true length
+    whole = write_video(tmp_path / "fs.mp4", noise_clip(90, 0, 64, 64), fps=30,
+                        output_params=["-movflags", "+faststart"]).read_bytes()
+    (tmp_path / "fs_cut.mp4").write_bytes(whole[: len(whole) // 2])
+    video, length, warning = data._decode(tmp_path / "fs_cut.mp4", 16, 10, 30)
+    assert 0 < length < 30 and "truncated" in warning
+
+
+def test_decode_directory_is_an_error(tmp_path):
+    with pytest.raises(DecodeError, match="directory"):
+        data.decode_video(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# source readers
+
+
+def test_read_folder(videos):
+    records, failures = data.read_folder(videos)
+    by_name = {Path(r.path).name: r for r in records}
+    assert set(by_name) == {"a.mp4", "b.mp4", "c.mp4", "d.gif", "e.mp4", "corrupt.mp4", "empty.avi"}
+    assert by_name["a.mp4"].labels == ["playing guitar"] and by_name["d.gif"].labels == ["juggling"]
+    reasons = {Path(f["file"]).name: f["reason"] for f in failures}
+    assert "empty class" in reasons["empty_class"] and "class folder" in reasons["loose.mp4"]
+
+
+def test_read_kinetics_csv_trimmed_untrimmed_and_missing(tmp_path):
+    root = tmp_path / "k"
+    write_video(root / "abseiling" / "AAA_000010_000020.mp4", ramp(30), fps=30)  # trimmed, in a class folder
+    write_video(root / "BBB.mp4", ramp(30), fps=30)  # untrimmed, flat
+    csv = tmp_path / "val.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split,is_cc\n"
+                   "abseiling,AAA,10,20,val,0\n"
+                   "\"Passing American_football (in game)\",BBB,0.2,0.8,train,0\n"
+                   "abseiling,CCC,5,15,val,0\n"
+                   "abseiling,DDD,x,15,val,0\n")
+    records, failures = data.read_kinetics_csv(csv, root)
+    assert len(records) == 2 and len(failures) == 2
+    a, b = records
+    assert a.labels == ["abseiling"] and (a.start, a.end) == (None, None) and a.split_hint == "val"
+    assert b.labels == ["passing american football (in game)"] and (b.start, b.end) == (0.2, 0.8)
+    assert b.split_hint == "train" and a.source == "kinetics:val.csv"
+    assert failures[0]["file"].endswith("val.csv:4") and "CCC" in failures[0]["reason"]
+    assert "bad time_start" in failures[1]["reason"]
+
+
+def test_read_kinetics_csv_rejects_other_csvs(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="not a Kinetics CSV"):
+        data.read_kinetics_csv(tmp_path / "x.csv", tmp_path)
+
+
+def test_read_list_multi_label_class_list_and_spaces(tmp_path):
+    write_video(tmp_path / "air drumming" / "x.mp4", ramp(10), fps=10)
+    write_video(tmp_path / "y.mp4", ramp(10), fps=10)
+    lst = tmp_path / "train.txt"
+    lst.write_text("air drumming/x.mp4 1\n"
+                   "y.mp4 0 2\n"
+                   "y.mp4 7\n"
+                   "\n# a comment\n"
+                   "missing.mp4 0\n")
+    classes = ["Abseiling", "air_drumming", "juggling"]
+    records, failures = data.read_list(lst, tmp_path, classes)
+    assert [r.labels for r in records] == [["air drumming"], ["abseiling", "juggling"], ["abseiling"]]
+    assert records[0].path.endswith("air drumming/x.mp4")
+    assert len(failures) == 1 and "outside the class list" in failures[0]["reason"]
+    # without a class list, labels are names
+    records, _ = data.read_list(lst, tmp_path)
+    assert records[1].labels == ["0", "2"]
+
+
+def test_read_tinyvirat(tmp_path):
+    write_video(tmp_path / "videos" / "val" / "VIRAT_1" / "00000.mp4", ramp(20), fps=30)
+    write_video(tmp_path / "videos" / "test" / "00000.mp4", ramp(20), fps=30)
+    (tmp_path / "tiny_val_v2.json").write_text(json.dumps([
+        {"id": "00000", "video_id": "VIRAT_1", "path": "VIRAT_1/00000.mp4", "dim": [20, 48, 80],
+         "label": ["activity_walking", "Loading"]},
+        {"id": "00001", "video_id": "VIRAT_1", "path": "VIRAT_1/00001.mp4", "dim": [20, 48, 80],
+         "label": ["activity_walking"]},
+    ]))
+    (tmp_path / "tiny_test_v2_public.json").write_text(json.dumps([
+        {"id": "00000", "video_id": "00000", "path": "00000.mp4", "dim": [20, 48, 80]}]))
+    records, failures = data.read_tinyvirat(tmp_path / "tiny_val_v2.json", tmp_path)
+    assert len(records) == 1 and records[0].labels == ["activity walking", "loading"]
+    assert records[0].split_hint == "val" and len(failures) == 1 and "not found" in failures[0]["reason"]
+    records, failures = data.read_tinyvirat(tmp_path / "tiny_test_v2_public.json", tmp_path)
+    assert records[0].labels == [] and records[0].split_hint == "test" and not failures
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        data.read_tinyvirat(tmp_path / "bad.json", tmp_path)
+
+
+def test_read_split_list(tmp_path):
+    write_video(tmp_path / "blasting sand" / "-kYz_000086_000096.mp4", ramp(10), fps=10)
+    write_video(tmp_path / "zz_000001_000011.mp4", ramp(10), fps=10)
+    lst = tmp_path / "test.list"
+    lst.write_text("blasting sand/-kYz_000086_000096\nbusking/zz_000001_000011\nbusking/nope_000001_000011\n")
+    records, failures = data.read_split_list(lst, tmp_path)
+    assert [r.labels for r in records] == [["blasting sand"], ["busking"]]
+    assert all(r.class_split_hint == "meta_test" for r in records) and len(failures) == 1
+
+
+def test_parse_source_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown source kind 'youtube'"):
+        data.parse_source("youtube:x")
+    with pytest.raises(DataError, match="no such file"):
+        data.parse_source(f"folder:{tmp_path}/nope")
+    with pytest.raises(DataError, match="needs an annotation file"):
+        data.parse_source(f"kinetics:{tmp_path}")
+    assert data.parse_source(f"list:{tmp_path}:{tmp_path}") == ("list", str(tmp_path), str(tmp_path))
+
+
+def test_class_names_merge_across_sources_and_duplicates_merge(tmp_path, videos):
+    lst = tmp_path / "extra.txt"
+    lst.write_text("Playing_Guitar/a.mp4 PLAYING_guitar Strumming\njuggling/c.mp4 Juggling\n")
+    records, _ = data.read_sources([data.parse_source(f"folder:{videos}"),
+                                    data.parse_source(f"list:{videos}:{lst}")])
+    a = next(r for r in records if r.path.endswith("a.mp4"))
+    assert a.labels == ["playing guitar", "strumming"] and a.source == f"folder:{videos.name}+list:extra.txt"
+    assert sum(r.path.endswith("c.mp4") for r in records) == 1
+    assert data.normalise_class("  Playing_Guitar ") == data.normalise_class("playing   guitar") == "playing guitar"
+
+
+def test_class_list_rejects_other_labels(videos, tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("juggling\n")
+    records, failures = data.read_sources([data.parse_source(f"folder:{videos}")], ["juggling"], "classes.txt")
+    assert all(r.labels == ["juggling"] for r in records)
+    assert any("'playing guitar' is not in classes.txt" in f["reason"] for f in failures)
+
+
+# -----------------------------------------------------------------------------
+# splits
+
+
+def test_class_split_is_seeded_disjoint_and_stable():
+    classes = [f"class {i}" for i in range(50)]
+    a = data.split_classes(classes, 0.2, seed=0)
+    assert a == data.split_classes(classes, 0.2, seed=0) and a.count("meta_test") == 10
+    assert a != data.split_classes(classes, 0.2, seed=1)
+    # adding a class leaves the others where they were (nearly: the count moves by one at most)
+    b = data.split_classes(classes + ["class 50"], 0.2, seed=0)
+    assert sum(x != y for x, y in zip(a, b)) <= 1
+    fixed = data.split_classes(classes, 0.2, 0, fixed={"class 3": "meta_test"})
+    assert fixed.count("meta_test") == 1 and fixed[3] == "meta_test"
+
+
+def test_clip_split_follows_hints_or_seeds():
+    primary = ["a"] * 10 + ["b"] * 4 + [None]
+    hints = [None] * 10 + ["train", "train", "val", "test"] + ["test"]
+    s = data.split_clips(primary, hints, 0.2, seed=0)
+    assert s[:10].count("val") == 2 and s[10:14] == ["train", "train", "val", "val"] and s[14] == "val"
+    assert data.split_clips(["c"], [None], 0.5, 0) == ["train"]  # never all of a class
+
+
+# -----------------------------------------------------------------------------
+# prepare, the cache, resume
+
+
+def test_prepare_end_to_end_with_failures(videos, tmp_path, capsys):
+    out = tmp_path / "cache"
+    meta = data.prepare([f"folder:{videos}"], out, size=16, fps=10, frames=12, workers=2, val_fraction=0.5)
+    cache = data.ClipCache(out)
+    assert cache.clips.shape == (7, 12, 16, 16, 3) and cache.clips.dtype == np.uint8
+    assert cache.classes == ["juggling", "playing guitar"]
+    ok = {Path(c["path"]).name: c for c in meta["clips"] if c["status"] == "ok"}
+    assert set(ok) == {"a.mp4", "b.mp4", "c.mp4", "d.gif", "e.mp4"}
+    assert ok["a.mp4"]["length"] == 10 and ok["c.mp4"]["length"] == 12  # 1 s padded; 2 s cut to the centre
+    failed = {Path(f["file"]).name: f["reason"] for f in meta["failures"]}
+    assert set(failed) == {"corrupt.mp4", "empty.avi", "empty_class", "loose.mp4"}
+    assert "empty file" in failed["empty.avi"]
+    assert sorted(cache.indices()) == sorted(i for i, c in enumerate(meta["clips"]) if c["status"] == "ok")
+    assert set(cache.class_split) == {"meta_train", "meta_test"}
+    for split in ("meta_train", "meta_test"):  # the two pools share no class
+        assert set(cache.labels[cache.indices(class_split=split)]) == set(cache.classes_in(split))
+    assert len(cache.indices("train")) + len(cache.indices("val")) == 5
+    np.testing.assert_array_equal(cache.clips[cache.indices()[0]], np.load(out / "clips.npy")[cache.indices()[0]])
+    printed = capsys.readouterr().out
+    assert "failures: 4" in printed and "corrupt.mp4" in printed and "2 classes" in cache.summary()
+    assert "corrupt.mp4" in data.info(out) and "juggling" in data.info(out)
+
+
+def test_prepare_resumes_and_adds_sources(videos, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    data.prepare([f"folder:{videos}"], out, size=16, frames=8, workers=2, verbose=False)
+    before = np.load(out / "clips.npy").copy()
+    calls = []
+    real = data._decode
+    monkeypatch.setattr(data, "_decode", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    data.prepare([f"folder:{videos}"], out, size=16, frames=8, workers=2, verbose=False)
+    assert calls == []  # nothing left to decode
+    data.prepare([f"folder:{videos}"], out, size=16, frames=8, workers=2, verbose=False, retry_failed=True)
+    assert sorted(Path(c).name for c in calls) == ["corrupt.mp4", "empty.avi"]
+    # a new source: only its clips are decoded, the old rows are carried over
+    extra = tmp_path / "more"
+    write_video(extra / "juggling" / "f.mp4", noise_clip(20, 9), fps=10)
+    calls.clear()
+    data.prepare([f"folder:{videos}", f"folder:{extra}"], out, size=16, frames=8, workers=2, verbose=False)
+    assert [Path(c).name for c in calls] == ["f.mp4"]
+    cache = data.ClipCache(out)
+    assert len(cache) == 8
+    np.testing.assert_array_equal(np.asarray(cache.clips[:7]), before)
+
+
+def test_interrupted_prepare_leaves_a_resumable_cache(videos, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    real, calls = data._decode, []
+
+    def flaky(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(data, "_decode", flaky)
+    with pytest.raises(DataError, match="interrupted.*run the same command again"):
+        data.prepare([f"folder:{videos}"], out, size=16, frames=8, workers=1, verbose=False)
+    with pytest.raises(DataError, match="incomplete cache"):
+        data.ClipCache(out)
+    monkeypatch.setattr(data, "_decode", real)
+    meta = data.prepare([f"folder:{videos}"], out, size=16, frames=8, workers=1, verbose=False)
+    assert meta["complete"] and sum(c["status"] == "ok" for c in meta["clips"]) == 5
+
+
+def test_prepare_refuses_other_settings_and_bad_input(videos, tmp_path):
+    out = tmp_path / "cache"
+    data.prepare([f"folder:{videos}"], out, size=16, frames=8, verbose=False)
+    with pytest.raises(DataError, match="size=16.*size=32"):
+        data.prepare([f"folder:{videos}"], out, size=32, frames=8, verbose=False)
+    empty = tmp_path / "nothing"
+    (empty / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no clips found"):
+        data.prepare([f"folder:{empty}"], tmp_path / "c2", verbose=False)
+
+
+def test_clip_cache_errors(tmp_path, synth):
+    with pytest.raises(DataError, match="no such directory"):
+        data.ClipCache(tmp_path / "nope")
+    with pytest.raises(DataError, match="no meta.json"):
+        data.ClipCache(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt"):
+        data.ClipCache(bad)
+    (bad / "meta.json").write_text(json.dumps({**synth.meta, "format_version": 99}))
+    with pytest.raises(DataError, match="format 99"):
+        data.ClipCache(bad)
+    (bad / "meta.json").write_text(json.dumps(synth.meta))
+    (bad / "clips.npy").write_bytes((synth.root / "clips.npy").read_bytes()[:1000])
+    with pytest.raises(DataError, match="clips.npy"):
+        data.ClipCache(bad)
+
+
+def test_clip_cache_pickles_without_its_frames(synth):
+    import pickle
+
+    blob = pickle.dumps(synth)
+    assert len(blob) < synth.clips.nbytes
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.clips[3], synth.clips[3])
+
+
+# -----------------------------------------------------------------------------
+# the synthetic benchmark
+
+
+def test_synthetic_grammar():
+    names = data.synth_class_names()
+    assert len(names) == len(set(names)) == 128
+    split = data._synth_split(names, 0.2, seed=0)
+    assert split.count("meta_test") == 26
+    train_words = {w for n, s in zip(names, split) if s == "meta_train" for w in n.split()}
+    assert all(set(n.split()) <= train_words for n in names)  # meta-test = new combinations
+
+
+def test_synthetic_is_bitwise_deterministic(tmp_path):
+    kw = dict(n_classes=6, clips_per_class=3, frames=8, size=16, seed=5, verbose=False)
+    data.build_synthetic(tmp_path / "a", workers=1, **kw)
+    data.build_synthetic(tmp_path / "b", workers=2, **kw)
+    for f in ("clips.npy", "meta.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    data.build_synthetic(tmp_path / "c", workers=1, **{**kw, "seed": 6})
+    assert (tmp_path / "a" / "clips.npy").read_bytes() != (tmp_path / "c" / "clips.npy").read_bytes()
+
+
+def test_synthetic_clips_move(synth):
+    clips = np.asarray(synth.clips, dtype=np.float32)  # (N, F, H, W, 3)
+    assert clips.shape == (60, 12, 16, 16, 3)
+    assert (np.abs(np.diff(clips, axis=1)).max((1, 2, 3, 4)) > 50).all()  # something moves in every clip
+    assert synth.meta["kind"] == "synthetic" and synth.fps == 10 and (synth.lengths == 12).all()
+    assert len(synth.classes_in("meta_test")) == 2
+
+
+def test_synthetic_mp4_goes_through_the_decoder(tmp_path):
+    meta = data.build_synthetic(tmp_path / "s", n_classes=2, clips_per_class=2, frames=10, size=32, seed=0,
+                                write_mp4=True, workers=1, verbose=False)
+    assert meta["clips"][0]["path"].endswith(".mp4")
+    meta2 = data.prepare([f"folder:{tmp_path / 's' / 'videos'}"], tmp_path / "p", size=32, fps=10, frames=10,
+                         verbose=False)
+    assert sorted(meta2["classes"]) == sorted(meta["classes"]) and not meta2["failures"]
+    orig = data.ClipCache(tmp_path / "s")
+    again = data.ClipCache(tmp_path / "p")
+    i = [c["path"] for c in again.meta["clips"]].index(meta["clips"][0]["path"])
+    assert again.lengths[i] == 10
+    err = np.abs(again.clips[i].astype(int) - orig.clips[0].astype(int)).mean()
+    assert err < 12  # the same frames, through H.264 and back
+
+
+def test_ensure_synthetic_builds_once(tmp_path):
+    kw = dict(n_classes=4, clips_per_class=2, frames=4, size=16, verbose=False)
+    out = tmp_path / "s"
+    assert data.ensure_synthetic(out, **kw) == str(out)
+    stamp = (out / "clips.npy").stat().st_mtime_ns
+    data.ensure_synthetic(out, **kw)
+    assert (out / "clips.npy").stat().st_mtime_ns == stamp
+    data.ensure_synthetic(out, **{**kw, "frames": 6})
+    assert data.ClipCache(out).frames == 6
+
+
+@pytest.mark.slow
+def test_synthetic_one_frame_says_nothing_motion_does(tmp_path):
+    """Nearest class mean, 5-way 1-shot on the held-out classes of the default benchmark: raw
+    pixels of one frame are at chance, a crude motion feature is well above it."""
+    data.build_synthetic(tmp_path / "s", verbose=False)
+    cache = data.ClipCache(tmp_path / "s")
+    pool = cache.indices(class_split="meta_test")
+    x = torch.from_numpy(np.asarray(cache.clips[pool])).float()  # (n, F, H, W, 3)
+    gray = x.mean(-1)
+    one_frame = torch.nn.functional.avg_pool2d(x[:, 16].permute(0, 3, 1, 2), 4).flatten(1)
+    spec = torch.fft.rfft(gray - gray.mean(1, keepdim=True), dim=1).abs().mean((2, 3))  # temporal spectrum
+    sampler = data.EpisodeSampler(cache, pool, cache.classes_in("meta_test"), 5, 1, 5)
+    g = torch.Generator().manual_seed(0)
+    ep = sampler.sample(400, g)
+    pos = {int(c): j for j, c in enumerate(pool)}
+
+    def ncm(feats):
+        f = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+        e = f[[[pos[int(c)] for c in row] for row in ep.clips]]  # (B, S, D)
+        sup, qry = e[:, :5], e[:, 5:]
+        proto = torch.zeros_like(sup).scatter_(1, ep.target[:, :5, None].expand_as(sup), sup)
+        pred = torch.cdist(qry, proto).argmin(-1)
+        return (pred == ep.target[:, 5:]).float().mean().item()
+
+    assert abs(ncm(one_frame) - 0.2) < 0.04
+    assert ncm(spec / spec.sum(1, keepdim=True)) > 0.3
+
+
+# -----------------------------------------------------------------------------
+# loading and augmentation
+
+
+def test_clip_dataset_shapes_and_normalisation(synth):
+    idx = synth.indices()
+    train = data.ClipDataset(synth, idx, num_frames=4, sampling_rate=2, size=8, train=True,
+                             rand_augment="rand-m7-mstd0.5-inc1", random_erase=0.25)
+    video, label = train[0]
+    assert video.shape == (3, 4, 8, 8) and video.dtype == torch.float32
+    assert label.dtype == torch.int64 and int(label) == synth.labels[idx[0]]
+    ev = data.ClipDataset(synth, idx, num_frames=4, sampling_rate=2, size=16, train=False)
+    video, _ = ev[1]  # centred window: frames 2, 4, 6, 8 of 12, no resize at 16 px
+    raw = torch.from_numpy(np.asarray(synth.clips[idx[1], [2, 4, 6, 8]])).float().permute(3, 0, 1, 2) / 255
+    mean, std = torch.tensor(data.MEAN).view(3, 1, 1, 1), torch.tensor(data.STD).view(3, 1, 1, 1)
+    torch.testing.assert_close(video, (raw - mean) / std)
+    views = data.ClipDataset(synth, idx, 4, 2, 8, train=False, num_views=3)[0][0]
+    assert views.shape == (3, 3, 4, 8, 8)  # (V, C, T, H, W)
+    mapped = data.ClipDataset(synth, idx, 4, 2, 8, train=False, label_map={int(synth.labels[idx[0]]): 7})
+    assert int(mapped[0][1]) == 7
+
+
+def test_sampling_past_the_end_repeats_the_last_real_frame():
+    np.testing.assert_array_equal(data.frame_indices(2, 5, 3, length=9), [2, 5, 8, 8, 8])
+    assert data.view_starts(length=100, span=61, num_views=1) == [19]
+    assert data.view_starts(length=100, span=61, num_views=3) == [0, 20, 39]
+    assert data.view_starts(length=10, span=61, num_views=2) == [0, 0]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(synth):
+    ds = data.ClipDataset(synth, synth.indices(), 4, 2, 12, train=True, rand_augment="rand-m9-n3-mstd0.5-inc1",
+                          random_erase=0.5, seed=1)
+    a = ds[5][0]
+    torch.testing.assert_close(ds[5][0], a)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], a)
+    ds.set_epoch(0)
+    loader = lambda w: torch.utils.data.DataLoader(ds, batch_size=8, num_workers=w)  # noqa: E731
+    torch.testing.assert_close(next(iter(loader(0)))[0], next(iter(loader(2)))[0])
+
+
+def test_augmentations_treat_every_frame_alike(tmp_path):
+    # a cache of static clips (every frame identical): after any augmentation all frames must
+    # still be identical, which they are only if crop, flip, every RandAugment op and the
+    # erased box are the same in each frame
+    frames = np.repeat(noise_clip(1, 0, 24, 24), 6, axis=0)  # (6, 24, 24, 3)
+    out = tmp_path / "static"
+    out.mkdir()
+    np.save(out / "clips.npy", np.stack([frames] * 4))
+    meta = {"format_version": data.FORMAT_VERSION, "kind": "prepared", "complete": True, "size": 24, "fps": 10,
+            "frames": 6, "seed": 0, "sources": ["test"], "classes": ["a"], "class_split": ["meta_train"],
+            "failures": [], "clips": [{"path": str(i), "labels": ["a"], "status": "ok", "length": 6,
+                                       "split": "train", "source": "test"} for i in range(4)]}
+    (out / "meta.json").write_text(json.dumps(meta))
+    cache = data.ClipCache(out)
+    ds = data.ClipDataset(cache, [0, 1, 2, 3], num_frames=4, sampling_rate=1, size=16, train=True,
+                          rand_augment="rand-m9-n4-mstd0.5-inc1", random_erase=1.0)
+    policy_ops = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        for i in range(4):
+            video, _ = ds[i]  # (C, T, H, W)
+            assert torch.equal(video, video[:, :1].expand_as(video)), f"frames differ (epoch {epoch}, clip {i})"
+    for name in data._RAND_OPS_INCREASING + data._RAND_OPS:  # each op on its own, too
+        x = torch.from_numpy(frames[:3]).permute(0, 3, 1, 2).float() / 255
+        y = data._op(name, x, 8.0, np.random.default_rng(0), 0.45)
+        assert torch.equal(y, y[:1].expand_as(y)), name
+        policy_ops.add(name)
+    assert len(policy_ops) == 21  # 15 ops + 6 "Increasing" variants
+
+
+def test_parse_rand_augment():
+    p = data.parse_rand_augment("rand-m7-mstd0.5-inc1")
+    assert (p.magnitude, p.num_ops, p.mstd, p.prob) == (7, 2, 0.5, 0.5) and "PosterizeIncreasing" in p.ops
+    assert data.parse_rand_augment("rand-m9-n3").ops == data._RAND_OPS
+    with pytest.raises(DataError, match="unknown part"):
+        data.parse_rand_augment("rand-m7-q2")
+    with pytest.raises(DataError, match="expected timm's form"):
+        data.parse_rand_augment("auto-m7")
+
+
+@pytest.mark.parametrize("name,pil", [
+    ("Invert", lambda im: __import__("PIL.ImageOps").ImageOps.invert(im)),
+    ("AutoContrast", lambda im: __import__("PIL.ImageOps").ImageOps.autocontrast(im)),
+    ("Equalize", lambda im: __import__("PIL.ImageOps").ImageOps.equalize(im)),
+    ("PosterizeIncreasing", lambda im: __import__("PIL.ImageOps").ImageOps.posterize(im, 2)),  # m 7: 4 - 2 bits
+    ("SolarizeIncreasing", lambda im: __import__("PIL.ImageOps").ImageOps.solarize(im, 256 - 179)),
+])
+def test_rand_augment_ops_match_pil(name, pil):
+    """The hand-written ops against PIL's own, which timm applies to each frame."""
+    from PIL import Image
+
+    img = (np.random.default_rng(0).random((20, 24, 3)) ** 2 * 200 + 20).astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255  # (1, C, H, W)
+    ours = (data._op(name, x, 7.0, np.random.default_rng(0), 0.45)[0].permute(1, 2, 0) * 255).round()
+    ref = np.asarray(pil(Image.fromarray(img)), dtype=np.float32)
+    assert np.abs(ours.numpy() - ref).max() <= 1.0
+
+
+def test_rand_augment_enhancers_match_pil():
+    from PIL import Image, ImageEnhance
+
+    img = (np.random.default_rng(1).random((20, 24, 3)) * 255).astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    for ours_fn, pil_cls in ((lambda t: data._blend(data._gray(t).expand_as(t), t, 1.6), ImageEnhance.Color),
+                             (lambda t: data._sharpness(t, 1.6), ImageEnhance.Sharpness),
+                             (lambda t: data._blend(torch.zeros_like(t), t, 0.4), ImageEnhance.Brightness)):
+        ours = ours_fn(x)[0].permute(1, 2, 0).numpy() * 255
+        ref = np.asarray(pil_cls(Image.fromarray(img)).enhance(1.6 if pil_cls is not ImageEnhance.Brightness
+                                                                else 0.4), dtype=np.float32)
+        assert np.abs(ours - ref).max() <= 2.0, pil_cls.__name__
+
+
+def test_affine_ops_match_pil_geometry():
+    """Rotation and translation move content the way PIL's do (compare where a bright dot lands)."""
+    from PIL import Image
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[6:9, 20:23] = 255
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    for ours, ref in ((data._rotate(x, 30, 0.0), Image.fromarray(img).rotate(30, Image.BILINEAR)),
+                      (data._affine(x, (1, 0.3, 0, 0, 1, 0), 0.0),
+                       Image.fromarray(img).transform((32, 32), Image.AFFINE, (1, 0.3, 0, 0, 1, 0), Image.BILINEAR)),
+                      (data._affine(x, (1, 0, 5, 0, 1, 0), 0.0),
+                       Image.fromarray(img).transform((32, 32), Image.AFFINE, (1, 0, 5, 0, 1, 0), Image.BILINEAR))):
+        a = ours[0].mean(0).numpy()
+        b = np.asarray(ref, dtype=np.float32).mean(-1) / 255
+        centre = lambda m: np.array(np.unravel_index(np.argsort(m, axis=None)[-4:], m.shape)).mean(1)  # noqa: E731
+        assert np.abs(centre(a) - centre(b)).max() <= 1.0
+
+
+def test_mixup_cutmix_soft_targets():
+    g = torch.Generator().manual_seed(0)
+    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 2, 8, 8).clone()
+    target = torch.tensor([0, 1, 2, 3])
+    v, y = data.mixup_cutmix(video, target, 5, 0.0, 0.0, 1.0, 0.1, g)  # smoothing only
+    assert torch.equal(v, video) and torch.allclose(y.sum(1), torch.ones(4)) and y[0, 0] == pytest.approx(0.92)
+    v, y = data.mixup_cutmix(video, target, 5, 0.8, 0.0, 1.0, 0.0, g)  # mixup with the reversed batch
+    lam = y[0, 0].item()
+    torch.testing.assert_close(v[0], video[0] * lam + video[3] * (1 - lam))
+    v, y = data.mixup_cutmix(video, target, 5, 0.0, 1.0, 1.0, 0.0, g)  # cutmix: lam = kept area
+    kept = (v[0] == 0).float().mean().item()
+    assert y[0, 0].item() == pytest.approx(kept) and torch.equal(v[:, :, 0], v[:, :, 1])  # same box in every frame
+    a = data.mixup_cutmix(video, target, 5, 0.8, 1.0, 1.0, 0.1, torch.Generator().manual_seed(3))
+    b = data.mixup_cutmix(video, target, 5, 0.8, 1.0, 1.0, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_labelled_subset(synth):
+    idx = synth.indices()
+    half = data.labelled_subset(synth, idx, 0.5, seed=0)
+    assert len(half) == 30 and set(synth.labels[half]) == set(synth.labels[idx])
+    tiny = data.labelled_subset(synth, idx, 0.01, seed=0)
+    assert len(tiny) == 10  # at least one per class
+    np.testing.assert_array_equal(half, data.labelled_subset(synth, idx, 0.5, seed=0))
+    with pytest.raises(DataError):
+        data.labelled_subset(synth, idx, 0.0, seed=0)
+
+
+# -----------------------------------------------------------------------------
+# episodes
+
+
+def test_support_query_episodes(synth):
+    pool = synth.indices()
+    sampler = data.EpisodeSampler(synth, pool, range(10), n_way=5, k_shot=2, n_query=3)
+    ep = sampler.sample(16, torch.Generator().manual_seed(0))
+    S = 5 * (2 + 3)
+    assert sampler.steps == S
+    for t in ep:
+        assert t.shape == (16, S)
+    assert ep.is_query.dtype == torch.bool and ep.clips.dtype == torch.int64
+    assert (ep.label_in[:, :10] == ep.target[:, :10]).all() and (ep.label_in[:, 10:] == -1).all()
+    assert (ep.is_query == (torch.arange(S) >= 10)).all()
+    for b in range(16):
+        assert sorted(ep.target[b, :10].tolist()) == sorted(list(range(5)) * 2)
+        assert sorted(ep.target[b, 10:].tolist()) == sorted(list(range(5)) * 3)
+        assert len(set(ep.clips[b].tolist())) == S  # no clip twice
+        cls = synth.labels[ep.clips[b].numpy()]
+        for lab in range(5):  # one cache class per episode label
+            assert len(set(cls[ep.target[b].numpy() == lab])) == 1
+        assert ep.instance[b, 10:].eq(2).all() and sorted(ep.instance[b, :10].tolist()) == [0] * 5 + [1] * 5
+    assert not all(ep.target[b, 10:].tolist() == sorted(ep.target[b, 10:].tolist()) for b in range(16))  # shuffled
+    again = sampler.sample(16, torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(ep, again))
+
+
+def test_sequence_episodes(synth):
+    sampler = data.EpisodeSampler(synth, synth.indices(), range(10), n_way=3, k_shot=1, n_query=1,
+                                  layout="sequence", seq_shots=4)
+    ep = sampler.sample(4, torch.Generator().manual_seed(1))
+    assert ep.target.shape == (4, 12) and ep.is_query.all()
+    assert (ep.label_in[:, 0] == -1).all() and torch.equal(ep.label_in[:, 1:], ep.target[:, :-1])
+    for b in range(4):
+        seen = {}
+        for t, lab in enumerate(ep.target[b].tolist()):
+            assert ep.instance[b, t] == seen.get(lab, 0)
+            seen[lab] = seen.get(lab, 0) + 1
+
+
+def test_episode_errors(synth):
+    with pytest.raises(DataError, match=r"has 6 clips.*5-way 4-shot episode with 3 queries per class needs 7"):
+        data.EpisodeSampler(synth, synth.indices(), range(10), 5, 4, 3)
+    with pytest.raises(DataError, match="only 2 classes.*needs 5 classes"):
+        data.EpisodeSampler(synth, synth.indices(), synth.classes_in("meta_test"), 5, 1, 1)
+    s = data.EpisodeSampler([0] * 3 + [1] * 5 + [2] * 5, range(13), [0, 1, 2], 2, 2, 2, drop_small=True)
+    assert s.classes == [1, 2] and s.dropped == [0]
+
+
+def test_multi_label_clips_never_stand_for_two_classes_of_an_episode():
+    rng = np.random.default_rng(0)
+    labels = [sorted(set(rng.choice(6, size=rng.integers(1, 3), replace=False).tolist())) for _ in range(120)]
+    sampler = data.EpisodeSampler(labels, range(120), range(6), n_way=3, k_shot=2, n_query=2)
+    ep = sampler.sample(50, torch.Generator().manual_seed(0))
+    for b in range(50):
+        chosen = {}
+        for clip, lab in zip(ep.clips[b].tolist(), ep.target[b].tolist()):
+            chosen.setdefault(lab, set()).add(clip)
+        classes = []
+        for lab, clips in chosen.items():  # the class behind each episode label
+            common = set.intersection(*(set(labels[c]) for c in clips))
+            classes.append(common)
+        picked = set.union(*classes)
+        for clip in ep.clips[b].tolist():
+            assert len(set(labels[clip]) & picked) >= 1
+        # no clip carries two of the episode's classes
+        cls_of = [next(iter(c)) if len(c) == 1 else None for c in classes]
+        if None not in cls_of:
+            for clip in ep.clips[b].tolist():
+                assert len(set(labels[clip]) & set(cls_of)) == 1
+
+
+# -----------------------------------------------------------------------------
+# the CLI and the real sample data
+
+
+def test_cli(tmp_path, capsys, videos):
+    assert data.main(["synth", "--out", str(tmp_path / "s"), "--classes", "3", "--clips-per-class", "2",
+                      "--frames", "4", "--size", "16", "--workers", "1"]) == 0
+    assert "3 classes" in capsys.readouterr().out
+    assert data.main(["info", str(tmp_path / "s")]) == 0
+    assert data.main(["prepare", "--source", "bogus:x", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown source kind 'bogus'") and "Traceback" not in err
+    assert data.main(["info", str(tmp_path / "none")]) == 2
+    assert data.main(["prepare", "--source", f"folder:{videos}", "--out", str(tmp_path / "p"), "--size", "16",
+                      "--frames", "8"]) == 0
+    assert "failures: 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--help"])
+    assert e.value.code == 0 and "KIND:PATH" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (SHARED / "clips").is_dir(), reason="../shared/data/clips not present")
+def test_real_clips_decode(tmp_path):
+    meta = data.prepare([f"folder:{SHARED / 'clips'}"], tmp_path / "real", verbose=False)
+    lengths = {Path(c["path"]).name: c["length"] for c in meta["clips"] if c["status"] == "ok"}
+    assert lengths == {"test.avi": 66, "demo.mp4": 100, "part_0.mp4": 11, "test.mp4": 100,
+                       "flipping_a_pancake.mkv": 100, "v_CricketShot_g04_c01_rgb.gif": 32, "structuralize.mp4": 100}
+    cache = data.ClipCache(tmp_path / "real")
+    assert cache.clips.shape == (7, 100, 64, 64, 3) and len(cache.classes) == 6 and not meta["failures"]
+
+
+@pytest.mark.skipif(not (SHARED / "annotations").is_dir(), reason="../shared/data/annotations not present")
+def test_real_annotation_files_parse(tmp_path):
+    ann = SHARED / "annotations"
+    records, failures = data.read_kinetics_csv(ann / "minikinetics200" / "val_k200.csv", tmp_path)
+    assert records == [] and len(failures) == 5000 and "video not found" in failures[0]["reason"]
+    records, failures = data.read_tinyvirat(ann / "tinyvirat_v2_sample" / "tiny_val_v2.first44.json", tmp_path)
+    assert len(failures) == 44
+    records, failures = data.read_split_list(ann / "kinetics100_fewshot_cmn" / "test.list", tmp_path)
+    assert len(failures) == 2400
+    names = data.read_class_list(ann / "kinetics400" / "label_map_k400.txt")
+    assert len(names) == 400 and "air drumming" in names
+    (tmp_path / "test.mp4").write_bytes(b"")
+    records, failures = data.read_list(ann / "mmaction2_lists" / "tests_video_test_list_multi_label.txt",
+                                       tmp_path, names)
+    assert [r.labels for r in records] == [["abseiling", "applauding"], ["abseiling", "answering questions",
+                                                                          "applying cream"]]
