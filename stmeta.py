@@ -570,7 +570,10 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        # torch's weights_only refusal is a page of advice; the line that matters names the global
+        lines = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln] or text.splitlines()
+        msg = lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or it needs "
                               f"code execution to load, which we refuse): {msg[:300]}") from None
     if not isinstance(obj, dict):

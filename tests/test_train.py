@@ -1,0 +1,189 @@
+"""train.py and eval.py end to end on tiny settings: every stage, resume, refusals, NaN
+handling, two-process data parallelism, and every eval subcommand's tables and pictures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import eval as evaluate
+import stmeta
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """30 synthetic classes (24 meta-train / 6 meta-test), 6 clips each, 8 frames of 16x16."""
+    out = str(tmp_path_factory.mktemp("synth") / "cache")
+    data.build_synthetic(out, n_classes=30, clips_per_class=6, frames=8, size=16, seed=0, workers=1)
+    return out
+
+
+def run(tmp, tiny_data, *extra, stage=2, name="run"):
+    out = os.path.join(tmp, name)
+    argv = ["--stage", str(stage), "--preset", "tiny", "--device", "cpu", "--data", tiny_data, "--out", out,
+            "--log-every", "1", *extra]
+    return train.main(argv), out
+
+
+def weights(path):
+    return stmeta.load_checkpoint(path)["model"]
+
+
+def test_stage1_from_scratch_then_init_from_it(tmp_path, tiny_data):
+    res, out = run(str(tmp_path), tiny_data, stage=1)
+    ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["kind"] == "mae" and ck["step"] == ck["total"] == 4
+    assert "start_val_loss" in ck["metrics"] and "val_loss" in ck["metrics"]
+    for f in ("config.json", "log.jsonl", "curves.png", "best.pt"):
+        assert os.path.exists(os.path.join(out, f)), f
+    res2, out2 = run(str(tmp_path), tiny_data, "--init", os.path.join(out, "last.pt"), stage=1, name="again")
+    # starting from the trained model: its starting loss is the first run's final loss (same val clips)
+    assert res2["start_val_loss"] == pytest.approx(res["val_loss"], rel=1e-4)
+
+
+def test_stage2_pretrains_then_classifies(tmp_path, tiny_data):
+    res, out = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", stage=2)
+    assert os.path.exists(os.path.join(out, "pretrain", "last.pt"))
+    ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["kind"] == "classifier" and len(ck["classes"]) == 24
+    assert 0.0 <= res["val_acc"] <= 1.0 and res["val_top5"] >= res["val_acc"]
+
+
+def test_stage3_default_flow_and_report(tmp_path, tiny_data):
+    res, out = run(str(tmp_path), tiny_data, stage=3)
+    assert os.path.exists(os.path.join(out, "pretrain", "last.pt"))  # pretraining phase ran first
+    assert os.path.exists(os.path.join(out, "embeddings.pt"))  # frozen backbone: embedded once
+    report = open(os.path.join(out, "report.md")).read()
+    assert "Few-shot on held-out classes" in report and "nearest class mean" in report
+    assert set(res["fewshot"]) == {"mann", "ncm", "logreg"}
+    one = res["fewshot"]["mann"][1]
+    assert one["episodes"] == 16 and 0 <= one["mean"] <= 1 and one["ci95"] >= 0
+
+
+@pytest.mark.parametrize("backbone", ["scratch", "pixels"])
+def test_stage3_other_backbones(tmp_path, tiny_data, backbone):
+    res, out = run(str(tmp_path), tiny_data, "--backbone", backbone, "--meta.steps=2", stage=3)
+    assert not os.path.exists(os.path.join(out, "pretrain"))  # no MAE phase for these
+    assert 0 <= res["fewshot"]["mann"][1]["mean"] <= 1
+
+
+def test_stage3_sequence_layout_reports_per_instance(tmp_path, tiny_data):
+    res, out = run(str(tmp_path), tiny_data, "--backbone", "pixels", "--meta.layout=sequence", "--meta.seq_shots=3",
+                   "--meta.steps=2", stage=3)
+    seq = res["fewshot"]["mann"]["sequence"]
+    assert len(seq["per_instance"]) == 3
+    assert "accuracy by presentation" in open(os.path.join(out, "report.md")).read()
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_data):
+    extra = ["--pretrain.max_steps=6", "--finetune.max_steps=6", "--pretrain.ckpt_every=2",
+             "--finetune.ckpt_every=2"]
+    full, full_out = run(str(tmp_path), tiny_data, *extra, stage=2, name="full")
+    with pytest.raises(SystemExit) as stop:  # interrupted in the pretraining phase
+        run(str(tmp_path), tiny_data, *extra, "--stop-after", "3", stage=2, name="cut")
+    assert stop.value.code == 0
+    with pytest.raises(SystemExit):  # and again in the fine-tuning phase
+        run(str(tmp_path), tiny_data, *extra, "--resume", "--stop-after", "3", stage=2, name="cut")
+    resumed, cut_out = run(str(tmp_path), tiny_data, *extra, "--resume", stage=2, name="cut")
+    assert resumed["val_acc"] == full["val_acc"] and resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)
+    a, b = weights(os.path.join(full_out, "last.pt")), weights(os.path.join(cut_out, "last.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_equals_uninterrupted_stage3(tmp_path, tiny_data):
+    extra = ["--backbone", "pixels", "--meta.steps=6", "--meta.ckpt_every=2"]
+    full, full_out = run(str(tmp_path), tiny_data, *extra, stage=3, name="full")
+    with pytest.raises(SystemExit):
+        run(str(tmp_path), tiny_data, *extra, "--stop-after", "3", stage=3, name="cut")
+    resumed, cut_out = run(str(tmp_path), tiny_data, *extra, "--resume", stage=3, name="cut")
+    a, b = weights(os.path.join(full_out, "last.pt")), weights(os.path.join(cut_out, "last.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["fewshot"]["mann"][1]["mean"] == full["fewshot"]["mann"][1]["mean"]
+
+
+def test_existing_run_and_incompatible_resume_are_refused(tmp_path, tiny_data):
+    run(str(tmp_path), tiny_data, stage=1)
+    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
+        run(str(tmp_path), tiny_data, stage=1)
+    with pytest.raises(SystemExit, match=r"config differs[\s\S]*model.encoder.depth: saved 2, now 3"):
+        run(str(tmp_path), tiny_data, "--resume", "--encoder.depth=3", stage=1)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data):
+    with pytest.raises(SystemExit, match="not finite.*last good checkpoint.*step 1"):
+        run(str(tmp_path), tiny_data, "--pretrain.lr=1e30", "--pretrain.ckpt_every=1", stage=1)
+    ck = stmeta.load_checkpoint(os.path.join(tmp_path, "run", "last.pt"))
+    assert ck["step"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_bad_arguments_get_clear_messages(tmp_path, tiny_data):
+    with pytest.raises(SystemExit, match="unknown config key 'dpth'"):
+        run(str(tmp_path), tiny_data, "--dpth=3", stage=1)
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.main(["--stage", "1", "--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "nope"),
+                    "--out", str(tmp_path / "x")])
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x80\x02not a checkpoint")
+    with pytest.raises(SystemExit, match="broken.pt"):
+        run(str(tmp_path), tiny_data, "--pretrained", str(bad), stage=2)
+    with pytest.raises(SystemExit, match="labeled-fraction"):
+        run(str(tmp_path), tiny_data, "--labeled-fraction", "0", stage=2)
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120).stdout
+    for flag in ("--stage", "--device", "--data", "--preset", "--out", "--resume", "--seed", "--init",
+                 "--pretrained", "--backbone", "--labeled-fraction", "--compile", "--precision"):
+        assert flag in out, flag
+    for key in stmeta.flatten_config(stmeta.get_preset("paper")):
+        assert f"--{key}=" in out, key
+
+
+def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
+    _, s1 = run(str(tmp_path), tiny_data, stage=1, name="s1")
+    evaluate.main(["recon", "--run", s1, "--device", "cpu", "--clips", "4"])
+    report = open(os.path.join(s1, "report.md")).read()
+    assert "| this model |" in report and "start (random init)" in report
+    for f in ("recon_grid.png", "recon.gif", "recon_per_frame.png"):
+        assert os.path.getsize(os.path.join(s1, f)) > 0
+
+    _, s2 = run(str(tmp_path), tiny_data, stage=2, name="s2")
+    res = evaluate.main(["classify", "--run", s2, "--device", "cpu"])
+    assert 0 <= res["top1"] <= res["top5"] <= 1
+    assert os.path.exists(os.path.join(s2, "confusion.png"))
+    assert "Classification" in open(os.path.join(s2, "report.md")).read()
+
+    _, s3 = run(str(tmp_path), tiny_data, stage=3, name="s3")
+    _, sc = run(str(tmp_path), tiny_data, "--backbone", "scratch", "--meta.steps=2", stage=3, name="s3scratch")
+    arms = evaluate.main(["ablation", "--both", s3, "--meta-only", sc, "--device", "cpu", "--episodes", "10"])
+    assert len(arms) == 4
+    report = open(os.path.join(s3, "report.md")).read()
+    assert "Ablation" in report and "Few-shot" in report  # sections side by side
+    assert os.path.exists(os.path.join(s3, "ablation_1shot.png"))
+
+    meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
+    import numpy as np
+    z = np.load(os.path.join(s3, "latents.npy"))
+    assert z.shape[0] == len(meta["labels"]) == 180
+
+
+def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_data):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--stage", "2", "--preset", "tiny", "--device", "cpu", "--data", tiny_data,
+                           "--out", out], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ranks in sync: True") == 2  # pretraining phase and fine-tuning phase
+    assert os.path.exists(os.path.join(out, "last.pt"))

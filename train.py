@@ -1,0 +1,976 @@
+"""train.py: the paper's three stages as straight training loops.
+
+    python train.py --stage 1 [--init CKPT]         reconstruction: (fine-)tune a video MAE
+    python train.py --stage 2 [--pretrained CKPT]   MAE pretraining, then encoder + classification head
+    python train.py --stage 3 [--pretrained CKPT]   MAE encoder + MANN, meta-trained on episodes
+
+With no --data the synthetic benchmark (data.py) is built on first use. With no --preset the
+paper's settings run on CUDA and a small demo runs on CPU. Any config field can be set with
+--key=value (a dotted path or a unique suffix: --encoder.depth=6, --mask_ratio=0.8).
+Multi-GPU / multi-process: torchrun --nproc_per_node=N train.py --stage 2 ...
+
+Paper: Waseem & Muthukumar, "Semi-Supervised Meta Learning for Spatiotemporal Learning",
+sections 3-5. Recipes: MAE-ST (2205.09113) for pretraining, the paper's Tables 1 and 2 for
+fine-tuning, Santoro et al. (1605.06065) for the MANN.
+
+Each stage is one function written top to bottom (lr, eval/checkpoint, step, log); the
+few lines they share live in small helpers above them. A run folder holds config.json,
+log.jsonl, last.pt, best.pt and curves.png; stages 2 and 3 keep their MAE pretraining phase
+in <run>/pretrain/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+import stmeta
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    keys = stmeta.flatten_config(stmeta.get_preset("paper"))
+    epilog = ("config fields (set any with --key=value; the paper preset's defaults shown):\n" +
+              "\n".join(f"  --{k}={v}" for k, v in keys.items()))
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True,
+                   help="1 reconstruction (MAE), 2 MAE + classification head, 3 MAE + MANN few-shot")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--data", default=None,
+                   help="clip cache folder made by `python data.py prepare` or `synth`; default: the synthetic "
+                        "benchmark under data_cache/, built on first use")
+    p.add_argument("--preset", default=None, choices=sorted(stmeta.PRESETS),
+                   help="paper: the paper's model and Tables 1-2 (default on CUDA); cpu: a small demo that runs "
+                        "in minutes on a laptop CPU (default elsewhere); tiny: for tests")
+    p.add_argument("--out", default=None, help="run folder (default: runs/stage<N>, or runs/stage<N>-2, ... if taken)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt (refused if the config differs)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--init", default=None,
+                   help="stage 1: start from this MAE checkpoint (ours from any stage, or a published "
+                        "mae_st / VideoMAE file) instead of from scratch")
+    p.add_argument("--pretrained", default=None,
+                   help="stages 2-3: take the encoder from this checkpoint (any stage) and skip MAE pretraining")
+    p.add_argument("--backbone", default=None, choices=("mae", "scratch", "pixels"),
+                   help="stage 3: mae = MAE-pretrained encoder (default); scratch = the same ViT trained from "
+                        "scratch end to end with the MANN (the 'meta-learning only' ablation); pixels = "
+                        "downsampled pixels (Santoro's setting)")
+    p.add_argument("--finetune", dest="end_to_end", action="store_true",
+                   help="stage 3: fine-tune the backbone end to end instead of freezing it and caching embeddings")
+    p.add_argument("--labeled-fraction", type=float, default=None,
+                   help="keep this fraction of the labels per class (0 < F <= 1): the semi-supervised regime; "
+                        "MAE pretraining still sees every clip")
+    p.add_argument("--recipe", default="table2", choices=("table1", "table2"),
+                   help="stage 2 fine-tuning: table2 = the paper's recipe for training from scratch (default); "
+                        "table1 = its recipe for fine-tuning a pretrained MAE")
+    p.add_argument("--classes", default="meta_train", choices=("meta_train", "all"),
+                   help="stage 2: classify the meta-train classes (default: keeps stage 3's held-out classes "
+                        "unseen) or all classes")
+    p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto = bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
+    p.add_argument("--log-every", type=int, default=0, help="steps between progress lines (default: ~50 per run)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many optimizer steps of the current phase, as if interrupted "
+                        "(for trying --resume)")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--") and "=" in a]
+    unknown = [a for a in rest if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognised argument(s): {' '.join(unknown)} (config fields take the form --key=value)")
+    return args, overrides
+
+
+def resolve_config(args, overrides, device) -> stmeta.Config:
+    if args.preset is None:
+        args.preset = "paper" if device.type == "cuda" else "cpu"
+        why = "a CUDA GPU is available" if device.type == "cuda" else f"running on {device.type}, not CUDA"
+        print(f"preset: {args.preset} ({why}; choose with --preset)")
+    else:
+        print(f"preset: {args.preset}")
+    cfg = stmeta.get_preset(args.preset)
+    if args.recipe == "table1":
+        cfg.finetune = stmeta.finetune_table1()
+        cfg.data.rand_augment, cfg.data.random_erase = "rand-m7-mstd0.5-inc1", 0.0  # Table 1
+    elif args.preset == "paper":
+        cfg.data.random_erase = 0.25  # Table 2
+    stmeta.apply_overrides(cfg, overrides)
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.precision is not None:
+        cfg.precision = args.precision
+    if args.compile:
+        cfg.compile = True
+    if args.backbone is not None:
+        cfg.meta.backbone = args.backbone
+    if args.end_to_end:
+        cfg.meta.freeze_backbone = False
+    if cfg.meta.backbone == "scratch" and cfg.meta.freeze_backbone:
+        print("backbone: scratch -> trained end to end with the MANN (a frozen random ViT would learn nothing)")
+        cfg.meta.freeze_backbone = False
+    if args.labeled_fraction is not None:
+        if not 0 < args.labeled_fraction <= 1:
+            raise SystemExit(f"--labeled-fraction {args.labeled_fraction}: must be in (0, 1]")
+        cfg.data.labeled_fraction = args.labeled_fraction
+    if args.workers is not None:
+        cfg.data.workers = args.workers
+    return cfg
+
+
+def default_out(stage: int, resume: bool) -> str:
+    base = os.path.join("runs", f"stage{stage}")
+    taken = [base] + [f"{base}-{i}" for i in range(2, 1000)]
+    existing = [d for d in taken if os.path.exists(d)]
+    if resume:
+        return existing[-1] if existing else base
+    return next(d for d in taken if not os.path.exists(d))
+
+
+def open_data(args, cfg: stmeta.Config, dist: stmeta.Dist) -> data.ClipCache:
+    enc = cfg.model.encoder
+    if args.data is None:
+        # The synthetic benchmark, sized for the model: enough frames for one clip of
+        # num_frames at the sampling rate, and at least 32.
+        frames = max(32, enc.num_frames * cfg.data.sampling_rate)
+        size = 64 if enc.img_size <= 64 else enc.img_size
+        args.data = os.path.join("data_cache", f"synthetic-{size}px-{frames}f")
+        if dist.is_main:
+            print(f"data: the synthetic benchmark in {args.data} (built on first use; --data DIR for your own)")
+            data.ensure_synthetic(args.data, frames=frames, size=size, seed=0)
+        if dist.enabled:
+            torch.distributed.barrier()
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"--data {args.data}: no such folder (make one with `python data.py prepare ...` or "
+                         f"`python data.py synth --out {args.data}`)")
+    cache = data.ClipCache(args.data)
+    if dist.is_main:
+        print(f"data: {cache.summary()}")
+    return cache
+
+
+# -----------------------------------------------------------------------------
+# Shared loop machinery: learning rate, samplers, optimizer, checkpoints
+
+
+RUN_INFO: dict = {}  # set once in main(): the data folder and the --init/--pretrained source
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak`, then half-cosine to 0 (MAE, mae_st)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, dist: stmeta.Dist) -> list[list[int]]:
+    """A seeded permutation of range(n) per epoch, cut into this rank's batches (dropping the
+    ragged end). The order depends only on (seed, epoch), so a resumed run can skip straight
+    to where it stopped without loading anything."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = n // dist.world_size
+    mine = perm[dist.rank * per_rank:(dist.rank + 1) * per_rank] if dist.enabled else perm
+    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+def loader(dataset, batches: list[list[int]], cfg: stmeta.Config, device: torch.device):
+    """A DataLoader over precomputed index batches; pinned memory on CUDA for async copies."""
+    workers = cfg.data.workers
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+    # RNG, so a resumed run (which opens one more loader) would drift from an uninterrupted one.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False,
+                                       prefetch_factor=4 if workers > 0 else None,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one step's masking / mixup / episodes: a pure function of (seed, step)."""
+    return torch.Generator(device=device).manual_seed((seed * 7_919 + step) % (2**63 - 1))
+
+
+def make_optimizer(model, lr, weight_decay, beta2, layer_decay=1.0):
+    groups = models.param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), **fused)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def checkpoint(kind: str, cfg, model, optimizer, step: int, total: int, metrics: dict, extra=None) -> dict:
+    """One dict: enough to rebuild the model from `config` alone and to resume exactly.
+    `data` and `init` say which clip cache the run read and where its weights started."""
+    return {"kind": kind, "config": stmeta.config_to_dict(cfg), "model": unwrap(model).state_dict(),
+            "data": RUN_INFO.get("data"), "init": RUN_INFO.get("init"),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": {"step": step, "total": total}, "step": step, "total": total,
+            "metrics": metrics, "rng": stmeta.rng_state(), "torch_version": str(torch.__version__),
+            **(extra or {})}
+
+
+def start_run(folder: str, kind: str, cfg, resume: bool, dist: stmeta.Dist) -> dict | None:
+    """Create the run folder, or find the checkpoint to resume. Refuses to overwrite a run
+    without --resume, and to resume with a different config (naming the fields)."""
+    last = os.path.join(folder, "last.pt")
+    if os.path.exists(last):
+        ck = stmeta.load_checkpoint(last)
+        if ck.get("kind") != kind:
+            raise SystemExit(f"{last} holds a {ck.get('kind')!r} run, not {kind!r}; choose another --out")
+        if not resume:
+            raise SystemExit(f"{folder} already holds a run (step {ck['step']}/{ck['total']}): pass --resume to "
+                             f"continue it, or choose another --out")
+        ignore = ("data.workers", "compile")  # may change between sessions without changing results
+        diffs = [d for d in stmeta.diff_configs(ck["config"], stmeta.config_to_dict(cfg)) if d[0] not in ignore]
+        if diffs:
+            lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
+            raise SystemExit(f"cannot resume {folder}: the config differs from the saved run in\n{lines}\n"
+                             f"rerun with the saved settings, or start a new run with another --out")
+        if dist.is_main:
+            print(f"resuming {last} at step {ck['step']}/{ck['total']}")
+        return ck
+    if dist.is_main:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(stmeta.config_to_dict(cfg), f, indent=2)
+    return None
+
+
+def check_finite(value: float, step: int, folder: str) -> None:
+    """A non-finite loss stops the run; last.pt (written only after this check) stays good."""
+    if not math.isfinite(value):
+        last = os.path.join(folder, "last.pt")
+        where = (f"the last good checkpoint is {last} (step {stmeta.load_checkpoint(last)['step']})"
+                 if os.path.exists(last) else "no checkpoint was written yet")
+        raise SystemExit(f"step {step}: the loss is {value} (not finite); stopping. {where}. Try a lower learning "
+                         f"rate (e.g. --pretrain.lr=...), --clip_grad=1.0, or --precision fp32.")
+
+
+def wrap_model(model, cfg, device, dist: stmeta.Dist):
+    model = model.to(device)
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def sync_check(model, dist: stmeta.Dist) -> None:
+    """After data-parallel training every rank must hold the same parameters."""
+    if not dist.enabled:
+        return
+    flat = torch.cat([p.detach().float().flatten() for p in unwrap(model).parameters()])
+    stats = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).cpu().double()
+    gathered = [torch.zeros_like(stats) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(gathered, stats)
+    same = all(torch.equal(gathered[0], g) for g in gathered)
+    if dist.is_main:
+        print(f"ranks in sync: {same} (parameter checksum {gathered[0][0].item():.6f} on {dist.world_size} ranks)")
+    if not same:
+        raise SystemExit("data-parallel ranks diverged: parameters differ across ranks")
+
+
+def draw_curves(folder: str, title: str) -> str:
+    """Loss (and accuracy, if logged) against step, from log.jsonl, like the paper's Figs 4-7."""
+    rows = stmeta.read_log(os.path.join(folder, "log.jsonl"))
+    series = {}
+    for key, name in (("loss", "train loss"), ("val_loss", "val loss")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            series[name] = ([p[0] for p in pts], [p[1] for p in pts])
+    path = os.path.join(folder, "curves.png")
+    if series:
+        stmeta.line_chart(path, series, title=f"{title}: loss", xlabel="step", ylabel="loss")
+    accs = {name: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+            for key, name in (("train_acc", "train accuracy"), ("val_acc", "val top-1"), ("val_top5", "val top-5"))}
+    accs = {k: v for k, v in accs.items() if v[0]}
+    if accs:
+        stmeta.line_chart(os.path.join(folder, "accuracy.png"), accs, title=f"{title}: accuracy",
+                          xlabel="step", ylabel="accuracy")
+    return path
+
+
+def describe(cfg, device, precision, model, dist, what: str) -> None:
+    if not dist.is_main:
+        return
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{what}: {n:,} parameters | device {device} | precision {precision} | "
+          f"{dist.world_size} process(es) | torch {torch.__version__}")
+
+
+# -----------------------------------------------------------------------------
+# Stage 1 (and the pretraining phase of stages 2 and 3): the video MAE
+
+
+def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
+              init_state: dict | None = None, train_classes: str = "meta_train") -> dict:
+    """Masked-autoencoder training on train clips; validation loss on held-out (meta-test)
+    classes, as the paper's Table 3 evaluates on its test classes. Returns the final checkpoint."""
+    pc = cfg.pretrain
+    enc = cfg.model.encoder
+    log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
+    resume_ck = start_run(folder, "mae", cfg, args.resume, dist)
+    if resume_ck is not None and resume_ck["step"] >= resume_ck["total"]:
+        if dist.is_main:
+            print(f"{folder}: MAE phase already finished ({resume_ck['step']} steps); skipping")
+        return resume_ck
+
+    # data: train clips of the training classes (labels unused), val clips of held-out classes
+    train_idx = cache.indices(clip_split=None, class_split=train_classes, labelled_only=False)
+    val_idx = cache.indices(class_split="meta_test", labelled_only=False)
+    if len(val_idx) == 0:
+        val_idx = cache.indices(clip_split="val", labelled_only=False)
+    ds_kw = dict(num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate, size=enc.img_size)
+    train_ds = data.ClipDataset(cache, train_idx, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
+                                seed=cfg.seed, **ds_kw)
+    val_ds = data.ClipDataset(cache, val_idx[: max(pc.batch_size, 256)], train=False, **ds_kw)
+    batch = pc.batch_size
+    steps_per_epoch = len(train_idx) // (batch * dist.world_size)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"only {len(train_idx)} training clips for batch size {batch} x {dist.world_size} "
+                         f"process(es); lower --pretrain.batch_size")
+    total = (pc.max_steps or pc.epochs * steps_per_epoch) // pc.accum_steps
+    warmup = pc.warmup_epochs * steps_per_epoch // pc.accum_steps
+    lr = pc.lr or pc.blr * batch * pc.accum_steps * dist.world_size / 256  # mae_st's scaling rule
+
+    model = models.VideoMAE(cfg.model)
+    if init_state is not None:
+        missing, unexpected = model.load_state_dict(init_state, strict=False)
+        if dist.is_main:
+            print(f"init: loaded {len(init_state) - len(unexpected)} tensors"
+                  f"{f'; {len(missing)} missing (left at their initial values): {missing[:6]}' if missing else ''}")
+    model = model.to(device)
+    optimizer = make_optimizer(model, lr, pc.weight_decay, pc.beta2)
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    step, best = 0, float("inf")
+    metrics: dict = {}
+    if resume_ck is not None:
+        model.load_state_dict(resume_ck["model"])
+        optimizer.load_state_dict(resume_ck["optimizer"])
+        stmeta.set_rng_state(resume_ck["rng"])
+        step, metrics = resume_ck["step"], resume_ck["metrics"]
+        best = metrics.get("best_val_loss", best)
+    describe(cfg, device, precision, model, dist, f"MAE (mask ratio {cfg.model.mask_ratio})")
+    ddp_model = wrap_model(model, cfg, device, dist)
+
+    @torch.no_grad()
+    def validate(m) -> float:
+        m.eval()
+        losses = []
+        for i, (video, _) in enumerate(loader(val_ds, [list(range(j, min(j + batch, len(val_ds))))
+                                                         for j in range(0, len(val_ds), batch)], cfg, device)):
+            video = video.to(device, non_blocking=True)
+            with stmeta.autocast(device, precision):
+                loss, _, _ = m(video, generator=step_generator(cfg.seed + 1, i, device))
+            losses.append(loss.float().item())
+        m.train()
+        return float(np.mean(losses))
+
+    if step == 0 and dist.is_main:
+        start_loss = validate(model)
+        metrics["start_val_loss"] = start_loss
+        log({"step": 0, "total": total, "val_loss": start_loss, "note": "starting model"})
+
+    eval_every = pc.eval_every or steps_per_epoch
+    ckpt_every = pc.ckpt_every or steps_per_epoch
+    log_every = args.log_every or max(1, total // 50)
+    stop_at = step + args.stop_after if args.stop_after else total
+    t0, seen, loss_sum, loss_n = time.time(), 0, torch.zeros((), device=device), 0
+    ddp_model.train()
+    while step < total and step < stop_at:
+        micro = step * pc.accum_steps
+        epoch, offset = divmod(micro, steps_per_epoch)
+        train_ds.set_epoch(epoch)
+        batches = epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist)[offset:]
+        micro_in_step = 0
+        for video, _ in loader(train_ds, batches, cfg, device):
+            # -- lr
+            lr_now = lr_at(step, total, warmup, lr)
+            set_lr(optimizer, lr_now)
+            # -- step (with gradient accumulation; DDP syncs on the last micro-batch only)
+            video = video.to(device, non_blocking=True)
+            last_micro = micro_in_step == pc.accum_steps - 1
+            sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
+            with sync, stmeta.autocast(device, precision):
+                loss, _, _ = ddp_model(video, generator=step_generator(cfg.seed, micro, device))
+            scaler.scale(loss / pc.accum_steps).backward()
+            loss_sum += loss.detach().float()
+            loss_n += 1
+            seen += video.shape[0] * dist.world_size
+            micro += 1
+            micro_in_step += 1
+            if not last_micro:
+                continue
+            micro_in_step = 0
+            if pc.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), pc.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # -- eval / checkpoint
+            do_eval = step % eval_every == 0 or step == total
+            do_ckpt = step % ckpt_every == 0 or step == total or step == stop_at
+            do_log = step % log_every == 0 or do_eval or do_ckpt
+            # -- log (the only host sync: the loss is read here, and checked before any save)
+            if do_log:
+                train_loss = (loss_sum / max(loss_n, 1)).item()
+                check_finite(train_loss, step, folder)
+                dt = time.time() - t0
+                rec = {"step": step, "total": total, "loss": train_loss, "lr": lr_now,
+                       "ms/step": 1000 * dt / max(loss_n / pc.accum_steps, 1), "clips/s": seen / max(dt, 1e-9),
+                       "eta": stmeta.format_duration((total - step) * dt / max(loss_n / pc.accum_steps, 1))}
+                if do_eval and dist.is_main:
+                    rec["val_loss"] = validate(model)
+                    metrics["val_loss"] = rec["val_loss"]
+                    if rec["val_loss"] < best:
+                        best = rec["val_loss"]
+                        metrics["best_val_loss"] = best
+                        stmeta.save_checkpoint(os.path.join(folder, "best.pt"),
+                                               checkpoint("mae", cfg, model, optimizer, step, total, metrics))
+                log(rec)
+                t0, seen, loss_sum, loss_n = time.time(), 0, torch.zeros((), device=device), 0
+                metrics["train_loss"] = train_loss
+            if do_ckpt and dist.is_main:
+                stmeta.save_checkpoint(os.path.join(folder, "last.pt"),
+                                       checkpoint("mae", cfg, model, optimizer, step, total, metrics))
+            if step >= total or step >= stop_at:
+                break
+    sync_check(ddp_model, dist)
+    if step < total:
+        if dist.is_main:
+            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
+        raise SystemExit(0)
+    if dist.is_main:
+        draw_curves(folder, "MAE reconstruction")
+    return checkpoint("mae", cfg, model, optimizer, step, total, metrics)
+
+
+# -----------------------------------------------------------------------------
+# Stage 2, second phase: encoder + classification head (Table 2, or Table 1)
+
+
+def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
+                     encoder_state: dict | None, classes: str) -> dict:
+    ft = cfg.finetune
+    enc = dataclasses.replace(cfg.model.encoder, drop_path=ft.drop_path)
+    log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
+    resume_ck = start_run(folder, "classifier", cfg, args.resume, dist)
+    if resume_ck is not None and resume_ck["step"] >= resume_ck["total"]:
+        if dist.is_main:
+            print(f"{folder}: classifier already finished; skipping")
+        return resume_ck
+
+    class_split = None if classes == "all" else "meta_train"
+    class_ids = list(range(len(cache.classes))) if classes == "all" else cache.classes_in("meta_train")
+    label_map = {c: i for i, c in enumerate(class_ids)}
+    train_idx = cache.indices(clip_split="train", class_split=class_split)
+    train_idx = data.labelled_subset(cache, train_idx, cfg.data.labeled_fraction, cfg.seed)
+    val_idx = cache.indices(clip_split="val", class_split=class_split)
+    ds_kw = dict(num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate, size=enc.img_size,
+                 label_map=label_map)
+    train_ds = data.ClipDataset(cache, train_idx, train=True, rand_augment=cfg.data.rand_augment,
+                                random_erase=cfg.data.random_erase, scale_min=cfg.data.scale_min,
+                                hflip=cfg.data.hflip, seed=cfg.seed, **ds_kw)
+    val_ds = data.ClipDataset(cache, val_idx, train=False, num_views=cfg.data.num_views, **ds_kw)
+    n_cls = len(class_ids)
+    batch = ft.batch_size
+    steps_per_epoch = len(train_idx) // (batch * dist.world_size)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"only {len(train_idx)} labelled training clips for batch size {batch}; lower "
+                         f"--finetune.batch_size or raise --labeled-fraction")
+    total = (ft.max_steps or ft.epochs * steps_per_epoch) // ft.accum_steps
+    warmup = ft.warmup_epochs * steps_per_epoch // ft.accum_steps
+    lr = ft.lr or ft.blr * batch * ft.accum_steps * dist.world_size / 256
+    if dist.is_main:
+        print(f"classifier: {n_cls} classes ({classes}), {len(train_idx)} labelled train clips "
+              f"(labeled fraction {cfg.data.labeled_fraction}), {len(val_idx)} val clips; lr {lr:.3g}")
+
+    model = models.Classifier(enc, n_cls, dropout=ft.head_dropout)
+    if encoder_state is not None:
+        missing, unexpected = model.encoder.load_state_dict(encoder_state, strict=False)
+        if unexpected or missing:
+            print(f"encoder: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    model = model.to(device)
+    optimizer = make_optimizer(model, lr, ft.weight_decay, ft.beta2, ft.layer_decay)
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    step, best, metrics = 0, -1.0, {}
+    if resume_ck is not None:
+        model.load_state_dict(resume_ck["model"])
+        optimizer.load_state_dict(resume_ck["optimizer"])
+        stmeta.set_rng_state(resume_ck["rng"])
+        step, metrics = resume_ck["step"], resume_ck["metrics"]
+        best = metrics.get("best_val_acc", best)
+    describe(cfg, device, precision, model, dist, f"classifier ({n_cls} classes)")
+    ddp_model = wrap_model(model, cfg, device, dist)
+
+    @torch.no_grad()
+    def validate(m) -> tuple[float, float, float]:
+        m.eval()
+        n = correct1 = correct5 = 0
+        losses = []
+        batches = [list(range(j, min(j + batch * 4, len(val_ds)))) for j in range(0, len(val_ds), batch * 4)]
+        for video, label in loader(val_ds, batches, cfg, device):
+            video, label = video.to(device), label.to(device)
+            with stmeta.autocast(device, precision):
+                if video.dim() == 6:  # (B, V, C, T, H, W): average the views' probabilities
+                    B, V = video.shape[:2]
+                    logits = m(video.flatten(0, 1)).float().view(B, V, -1).softmax(-1).mean(1).log()
+                else:
+                    logits = m(video).float()
+            losses.append(F.cross_entropy(logits, label, reduction="sum").item())
+            top5 = logits.topk(min(5, n_cls), dim=-1).indices
+            correct1 += (top5[:, 0] == label).sum().item()
+            correct5 += (top5 == label[:, None]).any(-1).sum().item()
+            n += len(label)
+        m.train()
+        return sum(losses) / max(n, 1), correct1 / max(n, 1), correct5 / max(n, 1)
+
+    eval_every = ft.eval_every or steps_per_epoch
+    ckpt_every = ft.ckpt_every or steps_per_epoch
+    log_every = args.log_every or max(1, total // 50)
+    stop_at = step + args.stop_after if args.stop_after else total
+    t0, seen, loss_sum, loss_n, correct = time.time(), 0, torch.zeros((), device=device), 0, torch.zeros((), device=device)
+    ddp_model.train()
+    while step < total and step < stop_at:
+        micro = step * ft.accum_steps
+        epoch, offset = divmod(micro, steps_per_epoch)
+        train_ds.set_epoch(epoch)
+        batches = epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist)[offset:]
+        micro_in_step = 0
+        for video, label in loader(train_ds, batches, cfg, device):
+            # -- lr
+            lr_now = lr_at(step, total, warmup, lr)
+            set_lr(optimizer, lr_now)
+            # -- step: mixup/cutmix to soft targets with label smoothing (Tables 1-2)
+            video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            video, target = data.mixup_cutmix(video, label, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob,
+                                              ft.label_smoothing, step_generator(cfg.seed, micro, device))
+            last_micro = micro_in_step == ft.accum_steps - 1
+            sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
+            with sync, stmeta.autocast(device, precision):
+                logits = ddp_model(video)
+                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            scaler.scale(loss / ft.accum_steps).backward()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(-1) == label).sum()
+            loss_n += 1
+            seen += video.shape[0] * dist.world_size
+            micro += 1
+            micro_in_step += 1
+            if not last_micro:
+                continue
+            micro_in_step = 0
+            if ft.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), ft.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # -- eval / checkpoint / log
+            do_eval = step % eval_every == 0 or step == total
+            do_ckpt = step % ckpt_every == 0 or step == total or step == stop_at
+            if step % log_every == 0 or do_eval or do_ckpt:
+                train_loss = (loss_sum / max(loss_n, 1)).item()
+                check_finite(train_loss, step, folder)
+                dt = time.time() - t0
+                rec = {"step": step, "total": total, "loss": train_loss,
+                       "train_acc": correct.item() / max(loss_n * batch, 1), "lr": lr_now,
+                       "ms/step": 1000 * dt / max(loss_n / ft.accum_steps, 1), "clips/s": seen / max(dt, 1e-9),
+                       "eta": stmeta.format_duration((total - step) * dt / max(loss_n / ft.accum_steps, 1))}
+                if do_eval and dist.is_main:
+                    rec["val_loss"], rec["val_acc"], rec["val_top5"] = validate(model)
+                    metrics.update(val_loss=rec["val_loss"], val_acc=rec["val_acc"], val_top5=rec["val_top5"])
+                    if rec["val_acc"] > best:
+                        best = rec["val_acc"]
+                        metrics["best_val_acc"] = best
+                        stmeta.save_checkpoint(os.path.join(folder, "best.pt"), checkpoint(
+                            "classifier", cfg, model, optimizer, step, total, metrics,
+                            {"classes": [cache.classes[c] for c in class_ids]}))
+                log(rec)
+                t0, seen, loss_n = time.time(), 0, 0
+                loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+            if do_ckpt and dist.is_main:
+                stmeta.save_checkpoint(os.path.join(folder, "last.pt"), checkpoint(
+                    "classifier", cfg, model, optimizer, step, total, metrics,
+                    {"classes": [cache.classes[c] for c in class_ids]}))
+            if step >= total or step >= stop_at:
+                break
+    sync_check(ddp_model, dist)
+    if step < total:
+        if dist.is_main:
+            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
+        raise SystemExit(0)
+    if dist.is_main:
+        draw_curves(folder, "classification")
+    return checkpoint("classifier", cfg, model, optimizer, step, total, metrics)
+
+
+# -----------------------------------------------------------------------------
+# Stage 3: MAE encoder + MANN on episodes
+
+
+@torch.no_grad()
+def embed_all(backbone, cache, cfg, device, precision, batch: int = 64) -> torch.Tensor:
+    """Every clip through the frozen backbone once (centred window, no augmentation):
+    (N, D) float32. Stage 3 then never re-encodes a clip."""
+    enc = cfg.model.encoder
+    ds = data.ClipDataset(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
+                          sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=False)
+    backbone.eval()
+    out = []
+    prog = stmeta.Progress(len(ds), "embedding clips")
+    batches = [list(range(j, min(j + batch, len(ds)))) for j in range(0, len(ds), batch)]
+    for video, _ in loader(ds, batches, cfg, device):
+        with stmeta.autocast(device, precision):
+            out.append(backbone(video.to(device, non_blocking=True)).float())
+        prog.update(video.shape[0])
+    prog.close()
+    return torch.cat(out)
+
+
+def episode_loss(mann, x, ep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the scored steps; returns (loss, per-step correct (B, S) bool)."""
+    logits, _ = mann(x, ep.label_in)  # (B, S, n_way)
+    logits = logits.float()
+    loss = F.cross_entropy(logits[ep.is_query], ep.target[ep.is_query])
+    return loss, logits.argmax(-1) == ep.target
+
+
+def move_episode(ep, device):
+    return type(ep)(*[t.to(device, non_blocking=True) for t in ep])
+
+
+def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
+               encoder_state: dict | None) -> dict:
+    mc = cfg.meta
+    enc = cfg.model.encoder
+    log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
+    resume_ck = start_run(folder, "mann", cfg, args.resume, dist)
+    if resume_ck is not None and resume_ck["step"] >= resume_ck["total"]:
+        if dist.is_main:
+            print(f"{folder}: MANN already finished; skipping")
+        return resume_ck
+
+    # episodes: meta-train classes for training, held-out meta-test classes for validation
+    train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
+                                      cfg.seed)
+    val_pool = cache.indices(class_split="meta_test")
+    ep_kw = dict(n_way=mc.n_way, k_shot=mc.k_shot, n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots)
+    train_eps = data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"), **ep_kw)
+    val_eps = data.EpisodeSampler(cache, val_pool, cache.classes_in("meta_test"), **ep_kw)
+
+    backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size)
+    if encoder_state is not None and mc.backbone == "mae":
+        backbone.vit.load_state_dict(encoder_state)
+    backbone = backbone.to(device)
+    mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way).to(device)
+    model = models.MetaLearner(backbone, mann)  # input norm + backbone + MANN: one state dict
+    frozen = mc.freeze_backbone or mc.backbone == "pixels"
+    emb = None
+    if frozen:
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        emb_path = os.path.join(folder, "embeddings.pt")
+        if os.path.exists(emb_path):
+            emb = stmeta.load_checkpoint(emb_path)["embeddings"].to(device)
+        else:
+            emb = embed_all(backbone, cache, cfg, device, precision)
+            if dist.is_main:
+                stmeta.save_checkpoint(emb_path, {"embeddings": emb.cpu(), "backbone": mc.backbone})
+        if dist.is_main:
+            print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
+    else:
+        clip_ds = data.ClipDataset(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
+                                   sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=True,
+                                   scale_min=cfg.data.scale_min, hflip=cfg.data.hflip, seed=cfg.seed)
+        eval_ds = data.ClipDataset(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
+                                   sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=False)
+        if dist.is_main:
+            print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr})")
+
+    def features(ep, train: bool):
+        """(B, S, D) inputs for the MANN: cached embeddings, or clips through the backbone."""
+        if emb is not None:
+            return emb[ep.clips]
+        ds = clip_ds if train else eval_ds
+        idx = ep.clips.flatten().tolist()
+        video = torch.stack([ds[i][0] for i in idx]).to(device, non_blocking=True)
+        with stmeta.autocast(device, precision):
+            z = model.backbone(video).float()
+        return z.view(*ep.clips.shape, -1)
+
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": head, "lr_scale": 1.0, "weight_decay": mc.weight_decay}]
+    if not frozen:
+        groups.append({"params": [p for p in backbone.parameters()], "lr_scale": mc.backbone_lr / mc.lr,
+                       "weight_decay": mc.weight_decay})
+    for g in groups:
+        g["lr"] = mc.lr * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=mc.lr)
+    step, best, metrics = 0, -1.0, {}
+    if resume_ck is not None:
+        model.load_state_dict(resume_ck["model"])
+        optimizer.load_state_dict(resume_ck["optimizer"])
+        stmeta.set_rng_state(resume_ck["rng"])
+        step, metrics = resume_ck["step"], resume_ck["metrics"]
+        best = metrics.get("best_val_acc", best)
+    total = mc.steps
+    describe(cfg, device, precision, model, dist, f"MANN ({mc.n_way}-way {mc.k_shot}-shot, {mc.layout})")
+    ddp_model = wrap_model(model, cfg, device, dist)
+
+    @torch.no_grad()
+    def validate() -> float:
+        model.eval()
+        g = torch.Generator().manual_seed(cfg.seed + 12345)  # the same val episodes at every evaluation
+        correct = n = 0
+        for _ in range(math.ceil(mc.val_episodes / mc.batch_size)):
+            ep = move_episode(val_eps.sample(mc.batch_size, g), device)
+            with stmeta.autocast(device, precision):
+                _, ok = episode_loss(model, features(ep, train=False), ep)
+            correct += ok[ep.is_query].sum().item()
+            n += ep.is_query.sum().item()
+        model.train()
+        return correct / max(n, 1)
+
+    log_every = args.log_every or max(1, total // 50)
+    stop_at = step + args.stop_after if args.stop_after else total
+    t0, n_eps, loss_sum, acc_sum, loss_n = time.time(), 0, torch.zeros((), device=device), torch.zeros((), device=device), 0
+    model.train()
+    while step < total and step < stop_at:
+        # -- lr
+        lr_now = lr_at(step, total, mc.warmup_steps, mc.lr)
+        set_lr(optimizer, lr_now)
+        # -- step: a batch of episodes, a pure function of (seed, step, rank)
+        for micro in range(mc.accum_steps):
+            g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * mc.accum_steps + micro)
+                                              * dist.world_size + dist.rank)
+            ep = move_episode(train_eps.sample(mc.batch_size, g), device)
+            sync = ddp_model.no_sync() if (dist.enabled and micro < mc.accum_steps - 1) else stmeta.nullcontext()
+            with sync:
+                x = features(ep, train=True)
+                with stmeta.autocast(device, precision):
+                    logits, _ = ddp_model(x, ep.label_in)
+                logits = logits.float()
+                loss = F.cross_entropy(logits[ep.is_query], ep.target[ep.is_query])
+                (loss / mc.accum_steps).backward()
+            loss_sum += loss.detach()
+            acc_sum += (logits.detach().argmax(-1) == ep.target)[ep.is_query].float().mean()
+            loss_n += 1
+            n_eps += mc.batch_size * dist.world_size
+        if mc.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), mc.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        # -- eval / checkpoint / log
+        do_eval = step % mc.eval_every == 0 or step == total
+        do_ckpt = step % mc.ckpt_every == 0 or step == total or step == stop_at
+        if step % log_every == 0 or do_eval or do_ckpt:
+            train_loss = (loss_sum / max(loss_n, 1)).item()
+            check_finite(train_loss, step, folder)
+            dt = time.time() - t0
+            rec = {"step": step, "total": total, "loss": train_loss, "train_acc": (acc_sum / max(loss_n, 1)).item(),
+                   "lr": lr_now, "ms/step": 1000 * dt / max(loss_n / mc.accum_steps, 1),
+                   "episodes/s": n_eps / max(dt, 1e-9),
+                   "eta": stmeta.format_duration((total - step) * dt / max(loss_n / mc.accum_steps, 1))}
+            if do_eval and dist.is_main:
+                rec["val_acc"] = validate()
+                metrics["val_acc"] = rec["val_acc"]
+                if rec["val_acc"] > best:
+                    best = rec["val_acc"]
+                    metrics["best_val_acc"] = best
+                    stmeta.save_checkpoint(os.path.join(folder, "best.pt"),
+                                           checkpoint("mann", cfg, model, optimizer, step, total, metrics))
+            log(rec)
+            t0, n_eps, loss_n = time.time(), 0, 0
+            loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        if do_ckpt and dist.is_main:
+            stmeta.save_checkpoint(os.path.join(folder, "last.pt"),
+                                   checkpoint("mann", cfg, model, optimizer, step, total, metrics))
+    sync_check(ddp_model, dist)
+    if step < total:
+        if dist.is_main:
+            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
+        raise SystemExit(0)
+    if dist.is_main:
+        draw_curves(folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
+    return checkpoint("mann", cfg, model, optimizer, step, total, metrics)
+
+
+# -----------------------------------------------------------------------------
+# Where an encoder comes from: our checkpoints of any stage, or a published MAE
+
+
+def load_source(path: str, dist: stmeta.Dist) -> tuple[stmeta.MAEConfig, dict, str]:
+    """(model config, MAE-shaped state dict, description) from a checkpoint of any stage of
+    ours, or a published mae_st / VideoMAE file. The run adopts the checkpoint's architecture."""
+    ck = stmeta.load_checkpoint(path)
+    if "config" in ck and ck.get("kind") in ("mae", "classifier", "mann"):
+        model_cfg = stmeta.config_from_dict(stmeta.Config, ck["config"]).model
+        state = ck["model"]
+        if ck["kind"] == "classifier":  # Classifier.encoder.* -> VideoMAE.encoder.*
+            state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+        elif ck["kind"] == "mann":  # MetaLearner.backbone.vit.* -> VideoMAE.encoder.*
+            state = {"encoder." + k[len("backbone.vit."):]: v for k, v in state.items()
+                     if k.startswith("backbone.vit.")}
+            if not state:
+                raise SystemExit(f"{path}: this stage-3 run's backbone has no encoder weights "
+                                 f"(backbone {ck['config']['meta']['backbone']!r})")
+        return model_cfg, state, f"our {ck['kind']} checkpoint (step {ck.get('step')})"
+    model_cfg, state, report = models.load_published(path, ck)
+    if dist.is_main:
+        print(report)
+    return model_cfg, state, "a published video MAE checkpoint"
+
+
+def encoder_of(mae_state: dict) -> dict:
+    return {k[len("encoder."):]: v for k, v in mae_state.items() if k.startswith("encoder.")}
+
+
+def print_config(cfg: stmeta.Config, stage: int) -> None:
+    parts = {"model": cfg.model, "data": cfg.data}
+    parts.update({1: {"pretrain": cfg.pretrain}, 2: {"pretrain": cfg.pretrain, "finetune": cfg.finetune},
+                  3: {"pretrain": cfg.pretrain, "meta": cfg.meta, "mann": cfg.mann}}[stage])
+    print(f"config (preset {cfg.preset}, seed {cfg.seed}, precision {cfg.precision}, compile {cfg.compile}):")
+    for name, sub in parts.items():
+        flat = stmeta.flatten_config(sub)
+        print(f"  {name}: " + " ".join(f"{k}={v}" for k, v in flat.items()))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse_args(argv)
+    dist, device_name = stmeta.setup_distributed(args.device)
+    try:
+        device = stmeta.pick_device(device_name, verbose=dist.is_main)
+        cfg = resolve_config(args, overrides, device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    source = args.init if args.stage == 1 else args.pretrained
+    source_state = None
+    if args.init and args.stage != 1:
+        raise SystemExit("--init is for stage 1; stages 2 and 3 take --pretrained")
+    if args.pretrained and args.stage == 1:
+        raise SystemExit("--pretrained is for stages 2 and 3; stage 1 takes --init")
+    if source:
+        try:
+            model_cfg, source_state, what = load_source(source, dist)
+        except stmeta.CheckpointError as e:
+            raise SystemExit(str(e)) from None
+        if dist.is_main:
+            print(f"{'init' if args.stage == 1 else 'pretrained'}: {source} ({what}); its encoder architecture "
+                  f"is used: width {model_cfg.encoder.width}, depth {model_cfg.encoder.depth}, "
+                  f"{model_cfg.encoder.img_size}px, {model_cfg.encoder.num_frames} frames")
+        mask_ratio = cfg.model.mask_ratio
+        cfg.model = model_cfg
+        cfg.model.mask_ratio = mask_ratio
+    precision = stmeta.resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = args.out or default_out(args.stage, args.resume)
+    if dist.is_main:
+        print(f"run: {out} | stage {args.stage} | device {device} | precision {precision}")
+        print_config(cfg, args.stage)
+    stmeta.seed_everything(cfg.seed)
+    cache = open_data(args, cfg, dist)
+    RUN_INFO.update(data=os.path.abspath(args.data), init=os.path.abspath(source) if source else None)
+    if args.stage == 3 and cfg.meta.pretrain_steps:
+        cfg.pretrain.max_steps = cfg.meta.pretrain_steps
+
+    result: dict = {"run": out}
+    if args.stage == 1:
+        ck = train_mae(cfg, cache, out, device, precision, dist, args, init_state=source_state)
+        m = ck["metrics"]
+        if dist.is_main:
+            print(f"stage 1 done: val reconstruction loss {m.get('start_val_loss', float('nan')):.4f} (start) -> "
+                  f"{m.get('val_loss', float('nan')):.4f}; checkpoints in {out}; next: "
+                  f"python eval.py recon --run {out}")
+        result.update(m)
+    elif args.stage == 2:
+        if source_state is not None:
+            enc_state = encoder_of(source_state)
+        else:
+            if dist.is_main:
+                print(f"stage 2, phase 1: MAE pretraining (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
+            enc_state = encoder_of(train_mae(cfg, cache, os.path.join(out, "pretrain"), device, precision, dist,
+                                             args, train_classes=None if args.classes == "all" else "meta_train")
+                                   ["model"])
+        if dist.is_main:
+            print(f"stage 2, phase 2: fine-tuning encoder + head ({args.recipe}) in {out}")
+        ck = train_classifier(cfg, cache, out, device, precision, dist, args, enc_state, args.classes)
+        m = ck["metrics"]
+        if dist.is_main:
+            print(f"stage 2 done: val top-1 {m.get('val_acc', float('nan')):.3f}, top-5 "
+                  f"{m.get('val_top5', float('nan')):.3f} (best top-1 {m.get('best_val_acc', float('nan')):.3f}); "
+                  f"next: python eval.py classify --run {out}")
+        result.update(m)
+    else:
+        enc_state = None
+        if cfg.meta.backbone == "mae":
+            if source_state is not None:
+                enc_state = encoder_of(source_state)
+            else:
+                if dist.is_main:
+                    print(f"stage 3, phase 1: no --pretrained given, so MAE pretraining on the meta-train classes "
+                          f"first (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
+                enc_state = encoder_of(train_mae(cfg, cache, os.path.join(out, "pretrain"), device, precision,
+                                                 dist, args)["model"])
+        if dist.is_main:
+            print(f"stage 3, phase 2: meta-training the MANN on {cfg.meta.n_way}-way {cfg.meta.k_shot}-shot episodes "
+                  f"in {out}")
+        ck = train_mann(cfg, cache, out, device, precision, dist, args, enc_state)
+        result.update(ck["metrics"])
+        if dist.is_main:
+            import eval as evaluate  # evaluation lives in eval.py; train.py only calls it at the end
+            res = evaluate.fewshot(out, device=str(device), cache=cache)
+            result["fewshot"] = res
+            one = res["mann"].get(1) or next(iter(res["mann"].values()))
+            print(f"stage 3 done: {cfg.meta.n_way}-way 1-shot accuracy on held-out classes: "
+                  f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
+                  f"chance {100 / cfg.meta.n_way:.0f}%)")
+            print(f"report: {os.path.join(out, 'report.md')}")
+    stmeta.cleanup_distributed(dist)
+    return result
+
+
+if __name__ == "__main__":
+    main()
