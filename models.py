@@ -338,7 +338,7 @@ class Attention(nn.Module):
             scale = self.temperature if self.lsa else self.head_dim ** -0.5
             out = attention_reference(q, k, v, scale, mask_diagonal, p)  # (B, nh, L, hs)
         elif self.lsa:
-            q = q * self.temperature.view(1, -1, 1, 1)  # fold the per-head temperature into q
+            q = q * self.temperature.to(q.dtype).view(1, -1, 1, 1)  # (B, nh, L, hs): temperature folded into q
             allowed = ~torch.eye(L, dtype=torch.bool, device=x.device) if mask_diagonal else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=1.0)
         else:
@@ -480,7 +480,7 @@ class VideoViT(nn.Module):
         if cfg.cls_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         add_pos_embed(self, "pos_embed", cfg.pos_embed, self.grid, D, cfg.cls_token)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth grows with depth
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # grows with depth
         self.blocks = nn.ModuleList([
             Block(D, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio, cfg.qkv_bias, cfg.lsa, self.divided, rates[i],
                   cfg.dropout, cfg.attn_dropout, cfg.norm_eps) for i in range(cfg.depth)])
@@ -947,7 +947,8 @@ class MANN(nn.Module):
         """One time step: x (B, in), y (B, K) label one-hot (zeros = no label) -> logits (B, K).
         Order: controller; write (from t-1 weights); read M_t by content; usage update."""
         B = x.shape[0]
-        h, c = self.controller(torch.cat([x, y, state.reads.flatten(1)], dim=-1), state.h, state.c)
+        inputs = torch.cat([x, y, state.reads.flatten(1)], dim=-1)  # (B, in + K + nh*M)
+        h, c = self.controller(inputs, state.h, state.c)  # (B, Hc) each
         key, beta = self.read_head.key(h)  # (B, nh, M), (B, nh)
         if self.cfg.write == "lrua":
             memory, w_write = self.write_head(h, key, state.memory, state.usage, state.read_weights)
