@@ -111,17 +111,11 @@ def _ffmpeg_reason(stderr: bytes) -> str:
             lines.append(line)
     useful = [x for x in lines if not x.startswith(_FFMPEG_BOILERPLATE)] or lines
     text = "; ".join(useful[:3])
-    if "partial file" in text or "moov atom not found" in text:
+    if "partial file" in text:
         text = "truncated file: " + text
+    elif "moov atom not found" in text:  # an MP4's index, written last: cut off, or not an MP4
+        text = "truncated or not an MP4: " + text
     return text[:300] if text else "ffmpeg failed without a message"
-
-
-def probe_duration(path) -> float | None:
-    """Container duration in seconds from ffmpeg's header printout (None if it has none)."""
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)]
-    out = subprocess.run(cmd, capture_output=True, timeout=60).stderr.decode("utf-8", "replace")
-    m = re.search(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)", out)
-    return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
 
 
 def ffmpeg_exe() -> str:
@@ -129,6 +123,17 @@ def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def probe_duration(path) -> float | None:
+    """Container duration in seconds from ffmpeg's header printout (None if it has none)."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=60).stderr.decode("utf-8", "replace")
+    except subprocess.TimeoutExpired:
+        return None
+    m = re.search(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)", out)
+    return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
 
 
 def _decode(path, size=64, fps=10, frames=100, start=None, end=None, timeout=600.0):
@@ -150,6 +155,10 @@ def _decode(path, size=64, fps=10, frames=100, start=None, end=None, timeout=600
     # 64x64) and cut the centre out; a big file is probably a long video, so we ask for its
     # duration first and seek to its centre rather than decode minutes we would throw away.
     seek, duration = None, None
+    if end is not None and (probe_duration(path) or math.inf) < float(end) - 0.5:
+        # the file ends before the window does, so it cannot be the long video the window was
+        # cut from: it is the cut clip itself (Kinetics mirrors often name those {youtube_id}.mp4)
+        start = end = None
     if start is not None or end is not None:
         seek = max(float(start or 0.0), 0.0)
         duration = None if end is None else float(end) - seek
@@ -180,6 +189,8 @@ def _decode(path, size=64, fps=10, frames=100, start=None, end=None, timeout=600
         reason = _ffmpeg_reason(proc.stderr) if proc.stderr.strip() else "no video frames decoded"
         if "matches no streams" in reason:
             reason = "no video stream in this file"
+        elif seek and not proc.stderr.strip():
+            reason += f" (is the window starting at {seek:.1f} s past the end of the video?)"
         raise DecodeError(path, reason)
     video = np.frombuffer(proc.stdout[: n * frame_bytes], np.uint8).reshape(n, size, size, 3)  # (n, H, W, 3)
     warning = _ffmpeg_reason(proc.stderr) if (proc.returncode != 0 or proc.stderr.strip()) else None
@@ -193,7 +204,7 @@ def centre_window(video: np.ndarray, frames: int) -> tuple[np.ndarray, int]:
     n = len(video)
     if n >= frames:
         s = (n - frames) // 2
-        return np.ascontiguousarray(video[s: s + frames]), frames
+        return video[s: s + frames].copy(), frames  # a copy: `video` may be ffmpeg's read-only buffer
     pad = np.repeat(video[-1:], frames - n, axis=0)
     return np.concatenate([video, pad]), n
 
@@ -305,17 +316,19 @@ def read_folder(path) -> tuple[list[ClipRecord], list[dict]]:
 def read_kinetics_csv(csv_file, video_root) -> tuple[list[ClipRecord], list[dict]]:
     """Kinetics-style CSV `label,youtube_id,time_start,time_end,split[,is_cc]` (Kinetics-400/600/700,
     Mini-Kinetics-200). A trimmed clip `{youtube_id}_{start:06d}_{end:06d}.<ext>` is used whole;
-    an untrimmed download `{youtube_id}.<ext>` is cut to [time_start, time_end]. Either may sit
-    flat in video_root or under class folders. A row without a video is a failure, not an error."""
+    a `{youtube_id}.<ext>` file is cut to [time_start, time_end] if it is the full video, used
+    whole if it is shorter than time_end (then it is the trimmed clip; see _decode). Either may
+    sit flat in video_root or under class folders. A row without a video is a failure, not an error."""
     csv_file = _existing(csv_file, "Kinetics CSV", want_dir=False)
     root = _existing(video_root, "Kinetics video folder", want_dir=True)
     src = f"kinetics:{csv_file.name}"
     with open(csv_file, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    header = set(rows[0]) if rows else set()
-    if not {"youtube_id", "time_start", "time_end"} <= header:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = reader.fieldnames or []
+    if not {"youtube_id", "time_start", "time_end"} <= set(header):
         raise DataError(f"{csv_file}: not a Kinetics CSV (need columns youtube_id,time_start,time_end; "
-                        f"found {','.join(sorted(header)) or 'no rows'})")
+                        f"found {','.join(header) or 'an empty file'})")
     index = _video_index(root)
     records, failures = [], []
     for line_no, row in enumerate(rows, start=2):  # line 1 is the header
@@ -378,6 +391,8 @@ def read_list(list_file, root, class_list: list[str] | None = None) -> tuple[lis
                 labels.append(normalise_class(class_list[i]))
             else:
                 labels.append(normalise_class(tok))
+        if bad is None and not (root / rel).exists():
+            bad = f"video not found: {root / rel}"
         if bad:
             failures.append(_failure(where, bad, src))
             continue
@@ -624,19 +639,16 @@ def _clip_key(c: dict) -> str:
     return f"{os.path.realpath(c['path'])}|{c['start']}|{c['end']}"
 
 
-def _failures_of(meta: dict) -> list[dict]:
-    """Reader failures + decode failures, as one list (what meta.json's 'failures' holds)."""
+def _save_meta(out: Path, meta: dict, read_failures: list[dict] = ()) -> None:
+    """meta.json, its 'failures' being the readers' (rows without a video, ...) followed by the
+    clips that failed to decode."""
     decode = [_failure(c["path"], c["error"], c["source"]) for c in meta["clips"] if c["status"] == "failed"]
-    return meta["read_failures"] + decode
-
-
-def _save_meta(out: Path, meta: dict) -> None:
-    meta["failures"] = _failures_of(meta)
+    meta["failures"] = list(read_failures) + decode
     _write_json(out / "meta.json", meta)
 
 
 def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float, frames: int):
-    """(meta, clips memmap) for this run. An existing cache with the same settings is reused:
+    """(clip entries, clips memmap) for this run. An existing cache with the same settings is reused:
     clips it already decoded (same file and window) are kept, so only the missing ones are
     decoded. Anything else starts a fresh array."""
     meta_path, clips_path = out / "meta.json", out / "clips.npy"
@@ -674,8 +686,8 @@ def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float
         return entries, clips
 
     # A different set of clips: a new array. Rows decoded before are copied over (cheap next to
-    # decoding). meta.json is rewritten with everything pending *before* clips.npy is replaced,
-    # so a crash in between costs re-decoding, never a row that does not match its entry.
+    # decoding). The old meta.json goes *before* clips.npy is replaced, so a crash in between
+    # costs re-decoding, never a meta.json describing rows that are not there.
     if meta_path.exists():
         meta_path.unlink()
     tmp = out / "clips.npy.tmp"
@@ -704,7 +716,7 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
     """
     if not sources:
         raise DataError("no --source given")
-    fps = float(fps) if float(fps) != int(fps) else int(fps)
+    fps = int(fps) if float(fps) == int(fps) else float(fps)  # 10.0 -> 10: one spelling in meta.json
     specs = [parse_source(s) for s in sources]
     names = read_class_list(class_list) if class_list else None
     records, read_failures = read_sources(specs, names, f"the class list {class_list}")
@@ -716,6 +728,12 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
         for c in r.labels:
             if r.class_split_hint and fixed.setdefault(c, r.class_split_hint) != r.class_split_hint:
                 raise DataError(f"class {c!r} is in both a meta-train and a meta-test split list")
+    present = {c for r in records for c in r.labels}
+    listed_test = {c for c, s in fixed.items() if s == "meta_test"}
+    if fixed and not listed_test & present:
+        example = f" (e.g. {sorted(listed_test)[0]!r})" if listed_test else ""
+        raise DataError(f"the split lists name no meta-test class that is in the data{example}; "
+                        f"check --split-list against the sources' class names")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -723,9 +741,9 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
     meta = {"format_version": FORMAT_VERSION, "kind": "prepared", "complete": False, "size": size, "fps": fps,
             "frames": frames, "seed": seed, "meta_test_fraction": meta_test_fraction, "val_fraction": val_fraction,
             "sources": list(sources), "class_list": class_list, "split_lists": list(split_lists),
-            "read_failures": read_failures, "clips": entries}
+            "clips": entries}
     todo = [i for i, e in enumerate(entries) if e["status"] == "pending" or (retry_failed and e["status"] == "failed")]
-    _save_meta(out, meta)
+    _save_meta(out, meta, read_failures)
 
     workers = workers or os.cpu_count() or 1
     if verbose:
@@ -753,12 +771,12 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
                 progress.update()
             if time.time() - last_save > 5:
                 clips.flush()  # rows first, then the meta that says they are done
-                _save_meta(out, meta)
+                _save_meta(out, meta, read_failures)
                 last_save = time.time()
     except KeyboardInterrupt:
         pool.shutdown(wait=True, cancel_futures=True)
         clips.flush()
-        _save_meta(out, meta)
+        _save_meta(out, meta, read_failures)
         n_done = sum(e["status"] != "pending" for e in entries)
         raise DataError(f"interrupted: {n_done}/{len(entries)} clips done and saved in {out}; "
                         f"run the same command again to resume") from None
@@ -772,7 +790,10 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
     meta.update(_finalise_labels(entries, seed, meta_test_fraction, val_fraction, fixed))
     meta["complete"] = True
     meta["decode_seconds"] = round(elapsed, 2)
-    _save_meta(out, meta)
+    _save_meta(out, meta, read_failures)
+    if not meta["classes"] and not any(e["status"] == "ok" for e in entries):
+        raise DataError(f"none of the {len(entries)} clips could be decoded; {out}/meta.json lists why\n"
+                        + failure_report(meta))
     if verbose:
         print(f"prepare: decoded {len(todo)} clips in {elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9):.1f} clips/s)")
         print(ClipCache(out).summary())
@@ -794,19 +815,21 @@ def _finalise_labels(entries, seed, meta_test_fraction, val_fraction, fixed) -> 
     return {"classes": classes, "class_split": class_split, "empty_classes": empty}
 
 
-def failure_report(meta: dict, limit: int = 5) -> str:
-    """Failures grouped by reason, with a few files each (the full list is in meta.json)."""
-    failures = meta.get("failures") or _failures_of(meta)
+def failure_report(meta: dict, limit: int = 3) -> str:
+    """Failures grouped by kind of reason, with a few examples each (all of them are in meta.json)."""
+    failures = meta.get("failures", [])
     lines = [f"failures: {len(failures)}" + (" (all listed in meta.json)" if failures else "")]
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[dict]] = {}
     for f in failures:
-        key = re.sub(r"\S*[/\\]\S*", "<file>", f["reason"])[:120]  # group 'not found: <file>' together
-        groups.setdefault(key, []).append(f["file"])
-    for reason, files in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"  {len(files)} x {reason}")
-        lines += [f"      {x}" for x in files[:limit]]
-        if len(files) > limit:
-            lines.append(f"      ... and {len(files) - limit} more")
+        # 'video not found: no abc_000001_000011.* ...' and "label 'x' is not in ..." group by
+        # what went wrong, not by which file or label
+        kind = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", f["reason"].split(":")[0])[:100]
+        groups.setdefault(kind, []).append(f)
+    for kind, fs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {len(fs)} x {kind}")
+        lines += [f"      {f['file']}: {f['reason'][:160]}" for f in fs[:limit]]
+        if len(fs) > limit:
+            lines.append(f"      ... and {len(fs) - limit} more")
     warnings = [c for c in meta.get("clips", []) if c.get("warning")]
     if warnings:
         lines.append(f"kept with decoder warnings: {len(warnings)}")
@@ -1229,7 +1252,7 @@ def build_synthetic(out, n_classes: int = 128, clips_per_class: int = 16, frames
             "synthetic": {"params": _synth_params(n_classes, clips_per_class, frames, size, seed,
                                                   meta_test_fraction, val_fraction, write_mp4),
                           "grammar": {"paths": SYNTH_PATHS, "actions": SYNTH_ACTIONS, "partners": SYNTH_PARTNERS}},
-            "read_failures": [], "classes": names, "class_split": class_split, "empty_classes": [], "clips": entries}
+            "classes": names, "class_split": class_split, "empty_classes": [], "clips": entries}
     _save_meta(out, meta)
     if verbose:
         print(f"synth: {len(entries)} clips in {time.time() - t0:.1f}s with {workers} workers -> {out}")
@@ -1296,9 +1319,11 @@ def random_resized_crop_box(H: int, W: int, scale: tuple, ratio: tuple, rng: np.
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """(T, C, h, w) -> (T, C, size, size), bilinear, anti-aliased when shrinking."""
-    if x.shape[-2:] == (size, size):
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    # the anti-aliasing kernel only matters when shrinking, and is slower
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=max(h, w) > size)
 
 
 # RandAugment (Cubuk et al. 2019) in timm's grammar, which mae_st (paper Table 1) uses: each clip

@@ -96,6 +96,15 @@ def test_decode_centre_window_and_annotated_window(tmp_path):
     assert (video[5:] == video[4]).all()  # padded with the last real frame
 
 
+def test_a_file_shorter_than_its_window_is_the_cut_clip(tmp_path):
+    # Kinetics mirrors often store the trimmed 10 s as {youtube_id}.mp4: its CSV window
+    # (417..427 s) cannot lie inside a 2 s file, so the whole file is the clip
+    path = write_video(tmp_path / "ytid.mp4", ramp(60), fps=30)
+    video, length = data.decode_video(path, size=16, fps=10, frames=20, start=417, end=427)
+    assert length == 20
+    np.testing.assert_allclose(video.mean((1, 2, 3)), 12 * np.arange(20), atol=4)
+
+
 def test_decode_short_clip_is_padded_with_its_last_frame(tmp_path):
     path = write_video(tmp_path / "short.mp4", ramp(9), fps=30)  # 0.3 s -> 3 frames at 10 FPS
     video, length = data.decode_video(path, size=16, fps=10, frames=8)
@@ -141,7 +150,7 @@ def test_decode_truncated_file(tmp_path):
     # moov atom at the end (imageio's default): half a file cannot be opened at all
     whole = write_video(tmp_path / "whole.mp4", noise_clip(30, 0), fps=30).read_bytes()
     (tmp_path / "cut.mp4").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(DecodeError, match="truncated file"):
+    with pytest.raises(DecodeError, match="truncated or not an MP4"):
         data.decode_video(tmp_path / "cut.mp4")
     # moov at the front: the first part decodes; it is kept, with a warning and its true length
     whole = write_video(tmp_path / "fs.mp4", noise_clip(90, 0, 64, 64), fps=30,
@@ -206,9 +215,10 @@ def test_read_list_multi_label_class_list_and_spaces(tmp_path):
                    "missing.mp4 0\n")
     classes = ["Abseiling", "air_drumming", "juggling"]
     records, failures = data.read_list(lst, tmp_path, classes)
-    assert [r.labels for r in records] == [["air drumming"], ["abseiling", "juggling"], ["abseiling"]]
+    assert [r.labels for r in records] == [["air drumming"], ["abseiling", "juggling"]]
     assert records[0].path.endswith("air drumming/x.mp4")
-    assert len(failures) == 1 and "outside the class list" in failures[0]["reason"]
+    assert [f["file"].rsplit(":", 1)[1] for f in failures] == ["3", "6"]
+    assert "outside the class list" in failures[0]["reason"] and "video not found" in failures[1]["reason"]
     # without a class list, labels are names
     records, _ = data.read_list(lst, tmp_path)
     assert records[1].labels == ["0", "2"]
@@ -376,6 +386,31 @@ def test_prepare_refuses_other_settings_and_bad_input(videos, tmp_path):
     (empty / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no clips found"):
         data.prepare([f"folder:{empty}"], tmp_path / "c2", verbose=False)
+
+
+def test_prepare_with_nothing_decodable_says_why(tmp_path):
+    (tmp_path / "v" / "a").mkdir(parents=True)
+    (tmp_path / "v" / "a" / "x.mp4").write_bytes(os.urandom(2000))
+    with pytest.raises(DataError, match="(?s)none of the 1 clips could be decoded.*Invalid data"):
+        data.prepare([f"folder:{tmp_path / 'v'}"], tmp_path / "c", verbose=False)
+
+
+def test_split_list_that_names_no_class_in_the_data(videos, tmp_path):
+    (tmp_path / "test.list").write_text("juggling balls/abc\n")
+    with pytest.raises(DataError, match="name no meta-test class.*juggling balls"):
+        data.prepare([f"folder:{videos}"], tmp_path / "c", split_lists=[str(tmp_path / "test.list")], verbose=False)
+    (tmp_path / "test.list").write_text("juggling/abc\n")
+    meta = data.prepare([f"folder:{videos}"], tmp_path / "c", size=16, frames=4,
+                        split_lists=[str(tmp_path / "test.list")], verbose=False)
+    assert dict(zip(meta["classes"], meta["class_split"])) == {"juggling": "meta_test", "playing guitar": "meta_train"}
+
+
+def test_failure_report_groups_by_kind_of_reason():
+    meta = {"failures": [data._failure(f"a.csv:{i}", f"video not found: no id{i}_000001_000011.* under /x")
+                         for i in range(50)] + [data._failure("b.mp4", "empty file (0 bytes)")]}
+    report = data.failure_report(meta)
+    assert "50 x video not found" in report and "1 x empty file (_ bytes)" in report
+    assert "... and 47 more" in report and len(report.splitlines()) < 12
 
 
 def test_clip_cache_errors(tmp_path, synth):
