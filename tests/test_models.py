@@ -23,6 +23,16 @@ from models import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the
+    threads' spin-waiting made the learning tests 10x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_vit(**kw) -> stmeta.ViTConfig:
     return dataclasses.replace(stmeta.mae_tiny().encoder, **kw)
 
