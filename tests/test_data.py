@@ -500,9 +500,10 @@ def test_ensure_synthetic_builds_once(tmp_path):
 
 @pytest.mark.slow
 def test_synthetic_one_frame_says_nothing_motion_does(tmp_path):
-    """Nearest class mean, 5-way 1-shot on the held-out classes of the default benchmark: raw
-    pixels of one frame are at chance, a crude motion feature is well above it."""
-    data.build_synthetic(tmp_path / "s", verbose=False)
+    """Nearest class mean, 5-way 1-shot on the held-out classes of the default benchmark (16
+    clips a class is plenty here): raw pixels of one frame are at chance, a crude motion
+    feature is well above it."""
+    data.build_synthetic(tmp_path / "s", clips_per_class=16, verbose=False)
     cache = data.ClipCache(tmp_path / "s")
     pool = cache.indices(class_split="meta_test")
     x = torch.from_numpy(np.asarray(cache.clips[pool])).float()  # (n, F, H, W, 3)
@@ -523,7 +524,7 @@ def test_synthetic_one_frame_says_nothing_motion_does(tmp_path):
         return (pred == ep.target[:, 5:]).float().mean().item()
 
     assert abs(ncm(one_frame) - 0.2) < 0.04
-    assert ncm(spec / spec.sum(1, keepdim=True)) > 0.3
+    assert ncm(spec / spec.sum(1, keepdim=True)) > 0.35
 
 
 # -----------------------------------------------------------------------------
