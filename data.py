@@ -63,7 +63,7 @@ SOURCE_KINDS = {
     "kinetics": "kinetics:VIDEOS:CSV         Kinetics / Mini-Kinetics-200 CSV (label,youtube_id,time_start,...)",
     "list": "list:ROOT:LIST              `path label [label ...]` lines (mae_st, VideoMAE, mmaction2)",
     "tinyvirat": "tinyvirat:ROOT:JSON         TinyVIRAT-v2 JSON; videos under ROOT/videos/<split>/",
-    "splitlist": "splitlist:VIDEOS:LIST      few-shot split list, `class name/video id` lines (CMN Kinetics-100)",
+    "splitlist": "splitlist:VIDEOS:LIST       few-shot split list, `class name/video id` lines (CMN Kinetics-100)",
 }
 
 
@@ -1566,7 +1566,7 @@ class ClipDataset(torch.utils.data.Dataset):
         idx = int(self.indices[i])
         length = int(self.cache.lengths[idx])
         span = clip_span(self.num_frames, self.sampling_rate)
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)]) if self.train else None
         if self.train:
             starts = [int(rng.integers(0, max(length - span, 0) + 1))]
         else:
@@ -1578,7 +1578,7 @@ class ClipDataset(torch.utils.data.Dataset):
             label = self.label_map.get(label, -1)
         return video, torch.tensor(label, dtype=torch.int64)
 
-    def _view(self, idx: int, start: int, length: int, rng: np.random.Generator) -> torch.Tensor:
+    def _view(self, idx: int, start: int, length: int, rng: np.random.Generator | None) -> torch.Tensor:
         frames = self.cache.clips[idx, frame_indices(start, self.num_frames, self.sampling_rate, length)]
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, C, H, W)
         if self.train:

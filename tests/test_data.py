@@ -276,6 +276,31 @@ def test_class_names_merge_across_sources_and_duplicates_merge(tmp_path, videos)
     assert data.normalise_class("  Playing_Guitar ") == data.normalise_class("playing   guitar") == "playing guitar"
 
 
+def test_composite_with_multi_label_and_unlabelled_clips(tmp_path, videos):
+    root = tmp_path / "tv"
+    write_video(root / "videos" / "val" / "v1" / "0.mp4", noise_clip(20, 0), fps=30)
+    write_video(root / "videos" / "val" / "v1" / "1.mp4", noise_clip(20, 1), fps=30)
+    write_video(root / "videos" / "test" / "2.mp4", noise_clip(20, 2), fps=30)
+    (root / "tiny_val_v2.json").write_text(json.dumps([
+        {"id": "0", "path": "v1/0.mp4", "label": ["Juggling", "activity_walking"]},
+        {"id": "1", "path": "v1/1.mp4", "label": ["activity_walking"]}]))
+    (root / "tiny_test_v2_public.json").write_text(json.dumps([{"id": "2", "path": "2.mp4"}]))
+    data.prepare([f"folder:{videos}", f"tinyvirat:{root}:{root / 'tiny_val_v2.json'}",
+                  f"tinyvirat:{root}:{root / 'tiny_test_v2_public.json'}"], tmp_path / "c", size=16, frames=4,
+                 verbose=False)
+    cache = data.ClipCache(tmp_path / "c")
+    assert cache.classes == ["activity walking", "juggling", "playing guitar"]  # 'Juggling' merged
+    i = [c["path"] for c in cache.meta["clips"]].index(str(root / "videos" / "val" / "v1" / "0.mp4"))
+    assert cache.all_labels[i] == [1, 0] and cache.labels[i] == 1  # all labels kept; the first is primary
+    unl = [c["path"] for c in cache.meta["clips"]].index(str(root / "videos" / "test" / "2.mp4"))
+    assert cache.labels[unl] == -1 and cache.clip_split[unl] == "val"  # TinyVIRAT's test split stays out of train
+    assert unl not in cache.indices() and unl in cache.indices(labelled_only=False)
+    assert "1 unlabelled" in cache.summary() and "multi-label" in data.info(tmp_path / "c")
+    s = data.EpisodeSampler(cache, cache.indices(), [0, 1], n_way=2, k_shot=1, n_query=0)
+    ep = s.sample(20, torch.Generator().manual_seed(0))
+    assert i not in ep.clips.flatten().tolist()  # it carries both classes of every such episode
+
+
 def test_class_list_rejects_other_labels(videos, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("juggling\n")
