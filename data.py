@@ -29,6 +29,7 @@ Run:
                            --source tinyvirat:TinyVIRAT-v2:TinyVIRAT-v2/tiny_train_v2.json \\
                            --out data_cache/composite
     python data.py info data_cache/mine
+    python data.py bench data_cache/synth                # loader clips/s with training augmentation
 """
 
 from __future__ import annotations
@@ -1581,18 +1582,18 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _view(self, idx: int, start: int, length: int, rng: np.random.Generator | None) -> torch.Tensor:
         frames = self.cache.clips[idx, frame_indices(start, self.num_frames, self.sampling_rate, length)]
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, C, H, W)
-        if self.train:
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
+        if self.train:  # crop while still uint8: fewer bytes to convert
             _, _, H, W = x.shape
             top, left, h, w = random_resized_crop_box(H, W, (self.scale_min, 1.0), (3 / 4, 4 / 3), rng)
-            x = resize(x[:, :, top: top + h, left: left + w], self.size)
+            x = resize(x[:, :, top: top + h, left: left + w].float().div_(255), self.size)
             if self.hflip and rng.random() < 0.5:
                 x = x.flip(-1)
             if self.policy is not None:
                 x = rand_augment(x, self.policy, rng)
         else:
-            x = resize(x, self.size)
-        x = (x - self.mean) / self.std
+            x = resize(x.float().div_(255), self.size)
+        x = x.sub_(self.mean).div_(self.std)  # in place: x is this call's own float copy
         if self.train and self.random_erase > 0 and rng.random() < self.random_erase:
             x = random_erase(x, rng)
         return x.permute(1, 0, 2, 3).contiguous()  # (C, T, S, S)
@@ -1784,6 +1785,21 @@ def info(root) -> str:
     return "\n".join(lines)
 
 
+def bench_loader(root, num_frames: int = 16, sampling_rate: int = 4, size: int = 64, rand_augment: str = "",
+                 random_erase: float = 0.0, workers: int = 2, batch_size: int = 16, batches: int = 100) -> float:
+    """Clips per second a DataLoader delivers from a cache with training augmentation (what
+    `python data.py bench` prints; compare with the clips/s a training step consumes)."""
+    cache = ClipCache(root)
+    ds = ClipDataset(cache, cache.indices("train", labelled_only=False), num_frames, sampling_rate, size, train=True,
+                     rand_augment=rand_augment, random_erase=random_erase)
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batch_size * (batches + 2))
+    it = iter(torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=workers))
+    next(it), next(it)  # workers started and warm
+    t0 = time.time()
+    n = sum(len(video) for video, _ in it)
+    return n / (time.time() - t0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1827,6 +1843,15 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="print a cache's classes, split counts and failures")
     i.add_argument("dir", help="cache directory")
 
+    b = sub.add_parser("bench", help="measure how many clips/s the loader delivers from a cache")
+    b.add_argument("dir", help="cache directory")
+    b.add_argument("--frames", type=int, default=16, help="T, frames per sampled clip (default 16, Table 1)")
+    b.add_argument("--rate", type=int, default=4, help="r, sampling rate (default 4, Table 1)")
+    b.add_argument("--size", type=int, default=64, help="output side in pixels (default 64)")
+    b.add_argument("--rand-augment", default="", help="RandAugment policy, e.g. rand-m7-mstd0.5-inc1 (default off)")
+    b.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default 0)")
+    b.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+
     args = p.parse_args(argv)
     try:
         if args.cmd == "synth":
@@ -1838,6 +1863,13 @@ def main(argv=None) -> int:
             prepare(args.source, args.out, size=args.size, fps=args.fps, frames=args.frames, workers=args.workers,
                     seed=args.seed, meta_test_fraction=args.meta_test_fraction, val_fraction=args.val_fraction,
                     split_lists=args.split_list, class_list=args.class_list, retry_failed=args.retry_failed)
+        elif args.cmd == "bench":
+            rate = bench_loader(args.dir, args.frames, args.rate, args.size, args.rand_augment, args.random_erase,
+                                args.workers)
+            print(f"{rate:.0f} clips/s (T={args.frames}, r={args.rate}, {args.size} px, train augmentation"
+                  f"{', ' + args.rand_augment if args.rand_augment else ''}"
+                  f"{f', erase {args.random_erase}' if args.random_erase else ''}; {args.workers} workers, "
+                  f"{os.cpu_count()} CPU cores)")
         else:
             print(info(args.dir))
     except DataError as e:

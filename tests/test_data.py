@@ -800,6 +800,8 @@ def test_cli(tmp_path, capsys, videos):
     assert data.main(["prepare", "--source", f"folder:{videos}", "--out", str(tmp_path / "p"), "--size", "16",
                       "--frames", "8"]) == 0
     assert "failures: 4" in capsys.readouterr().out
+    assert data.bench_loader(tmp_path / "s", num_frames=2, sampling_rate=1, size=8, workers=0, batch_size=2,
+                             batches=2) > 0
     with pytest.raises(SystemExit) as e:
         data.main(["prepare", "--help"])
     assert e.value.code == 0 and "KIND:PATH" in capsys.readouterr().out
