@@ -32,6 +32,7 @@ Shape legend
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from stmeta import MAEConfig, MANNConfig, ViTConfig
+from stmeta import CheckpointError, MAEConfig, MANNConfig, ViTConfig
 
 # -----------------------------------------------------------------------------
 # Tensor tricks for video tokens (pure functions)
@@ -1031,3 +1032,532 @@ class MetaLearner(nn.Module):
     def forward(self, x: Tensor, label_in: Tensor, state: MANNState | None = None) -> tuple[Tensor, MANNState]:
         """x (B, S, out_dim) embeddings from the backbone; as MANN.forward otherwise."""
         return self.mann(self.norm(x), label_in, state)
+
+# -----------------------------------------------------------------------------
+# Loading published checkpoints: mae_st (its own form and PySlowFast's) and VideoMAE
+#
+# `load_published` takes a checkpoint dict read with weights_only (stmeta.load_checkpoint), finds
+# its tensors, recognises the family by key names, renames the keys onto our VideoMAE, reads the
+# architecture off the tensor shapes, converts the tensors whose form differs (Conv3d tubelet
+# kernels, separate or bias-split q/k/v, layer scales), resizes the position tables to the run's
+# clips, and checks every shape against our model built from what it read. Nothing here is
+# copied: it is written from reading facebookresearch/mae_st (models_mae.py, models_vit.py,
+# util/video_vit.py, util/pos_embed.py), facebookresearch/SlowFast (models/masked.py,
+# head_helper.MSSeparateHead) and MCG-NJU/VideoMAE (modeling_pretrain.py, modeling_finetune.py).
+#
+# Pixel order: mae_st's and PySlowFast's patchify ("nctuhpwq->nthwupqc") and VideoMAE's target
+# ("b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c", flattened p then c) both lay a patch out
+# as (t, row, col, C), channel fastest: our `patchify` order, so decoder_pred loads row for row.
+
+PUBLISHED_FAMILIES = {
+    "mae_st": "mae_st MAE pretraining (models_mae.py)",
+    "mae_st_slowfast": "mae_st MAE pretraining in PySlowFast form (the released mae_pretrain_vit_*_k*.pth)",
+    "mae_st_vit": "mae_st / PySlowFast fine-tuned ViT (encoder only)",
+    "videomae": "VideoMAE pretraining (modeling_pretrain.py)",
+    "videomae_vit": "VideoMAE fine-tuned ViT (modeling_finetune.py; encoder only)",
+}
+
+# Head counts are not stored in a checkpoint (they do not change any tensor's shape): the
+# published tables for the standard widths, else the repository's own constructor default.
+_VIT_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-S/B/L/H, in mae_st, VideoMAE and PySlowFast
+_VIDEOMAE_DECODER_HEADS = {192: 3, 384: 6, 512: 8, 640: 8}  # pretrain_videomae_{small,base,large,huge}
+_DEFAULT_HEADS = {  # (encoder, decoder) constructor defaults; None: PySlowFast's decoder uses width // 64
+    "mae_st": (16, 16), "mae_st_slowfast": (16, None), "mae_st_vit": (12, 16),
+    "videomae": (12, 8), "videomae_vit": (12, 8)}
+
+_BLOCK = re.compile(r"((?:encoder\.blocks|decoder_blocks)\.\d+)\.(.*)")  # our block keys: (block, parameter)
+# The parameters a transformer block may hold, in any of the published forms (keys after "blocks.i.")
+_BLOCK_KEYS = {"norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.q.weight", "attn.q.bias",
+               "attn.k.weight", "attn.k.bias", "attn.v.weight", "attn.v.bias", "attn.qkv.weight",
+               "attn.qkv.bias", "attn.q_bias", "attn.v_bias", "attn.proj.weight", "attn.proj.bias",
+               "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "gamma_1", "gamma_2"}
+
+
+def published_state_dict(ck: dict, path: str) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a published checkpoint, as float32, and where they were: under "model"
+    (mae_st, VideoMAE), "model_state" (PySlowFast), "module" (DeepSpeed) or at the top level.
+    A "module." prefix on every key (saved from DistributedDataParallel) is removed."""
+    for where in ("model", "model_state", "module", "state_dict"):
+        if isinstance(ck.get(where), dict) and any(isinstance(v, Tensor) for v in ck[where].values()):
+            sd, found = ck[where], f"under {where!r}"
+            break
+    else:
+        sd, found = ck, "at the top level"
+    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    if not sd:
+        raise CheckpointError(f"{path}: no tensors under 'model', 'model_state', 'module' or at the top level "
+                              f"(top-level keys: {', '.join(map(str, list(ck)[:8])) or 'none'})")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, found
+
+
+def published_family(sd: dict[str, Tensor], path: str) -> str:
+    """Which published layout the keys follow (a key of PUBLISHED_FAMILIES), or a CheckpointError
+    that lists what was found."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+    if has("encoder.blocks.") and has("decoder_blocks."):
+        raise CheckpointError(f"{path}: this is one of our own VideoMAE state dicts, not a published file; "
+                              f"pass the checkpoint train.py wrote (it carries the config)")
+    if has("encoder.blocks.") and has("encoder.patch_embed."):
+        return "videomae"
+    if has("pred_head."):
+        return "mae_st_slowfast"
+    if has("decoder_blocks.") or "decoder_pred.weight" in sd:
+        return "mae_st"
+    if has("blocks.0.attn.q.") and "patch_embed.proj.weight" in sd:
+        return "mae_st_vit"
+    if "blocks.0.attn.qkv.weight" in sd and "patch_embed.proj.weight" in sd:
+        return "videomae_vit"
+    some = ", ".join(list(sd)[:6])
+    raise CheckpointError(f"{path}: not a video MAE checkpoint we know (mae_st, its PySlowFast form, or VideoMAE, "
+                          f"pretrained or fine-tuned): {len(sd)} tensors, e.g. {some}")
+
+
+def published_name(key: str, family: str) -> str | None:
+    """Our VideoMAE's name for one published key (the tensor not yet converted), or None when
+    our model has no place for it."""
+    renames = {  # prefix in the file -> prefix in our VideoMAE, checked in order
+        "videomae": [("encoder.head.", None), ("encoder.", "encoder."), ("decoder.blocks.", "decoder_blocks."),
+                     ("decoder.norm.", "decoder_norm."), ("decoder.head.", "decoder_pred."),
+                     ("encoder_to_decoder.", "decoder_embed."), ("mask_token", "mask_token")],
+        "videomae_vit": [("fc_norm.", "encoder.norm.")],  # VideoMAE pools, then fc_norm: our `embed`
+        "mae_st_slowfast": [("dec_pos_embed_", "decoder_pos_embed_"), ("pred_head.projections.0.", "decoder_pred.")],
+    }
+    for src, dst in renames.get(family, []):
+        if key.startswith(src):
+            return None if dst is None else dst + key[len(src):]
+    if family == "videomae":
+        return None
+    if family == "mae_st_slowfast" and key.startswith("pred_head.transforms.0."):
+        j, rest = key[len("pred_head.transforms.0."):].split(".", 1)  # blocks 0..n-1, then the LayerNorm
+        return f"decoder_norm.{rest}" if "." not in rest else f"decoder_blocks.{j}.{rest}"
+    if key.startswith(("decoder_", "mask_token")) and family in ("mae_st", "mae_st_slowfast"):
+        return key
+    if key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
+        return "encoder." + key
+    return None
+
+
+def rename_published(sd: dict[str, Tensor], family: str, path: str
+                     ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str]]:
+    """-> (tensors under our names, still in the file's form; origin {our key: file key};
+    ignored {file key: why}). A block parameter we have no place for is an error: leaving it
+    out would change what the block computes."""
+    out, origin, ignored = {}, {}, {}
+    for key, value in sd.items():
+        name = published_name(key, family)
+        if name is None:
+            head = key.split(".")[0] in ("head", "fc_norm") or key.startswith("encoder.head.")
+            ignored[key] = "a classification head, not part of an MAE" if head else "not part of our MAE"
+            continue
+        block = _BLOCK.match(name)
+        if block and block.group(2) not in _BLOCK_KEYS:
+            raise CheckpointError(f"{path}: {key}: a block parameter our ViT has no place for (relative positions, "
+                                  f"pooling attention and the like are not supported)")
+        out[name], origin[name] = value, key
+    return out, origin, ignored
+
+
+def fuse_qkv(attn: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, str]:
+    """One attention's q/k/v as our fused Linear: (weight (3*inner, D), bias (3*inner,) or None,
+    how). `attn` holds the keys after "attn.": mae_st's separate q, k, v Linears; a fused qkv
+    with its own bias (timm); or VideoMAE's bias-free qkv with q_bias and v_bias, whose k bias
+    is zero (VideoMAE's forward uses cat(q_bias, zeros, v_bias))."""
+    if "q.weight" in attn:
+        weight = torch.cat([attn["q.weight"], attn["k.weight"], attn["v.weight"]])  # (3*inner, D)
+        bias = torch.cat([attn["q.bias"], attn["k.bias"], attn["v.bias"]]) if "q.bias" in attn else None
+        return weight, bias, "q, k, v concatenated"
+    if "q_bias" in attn:
+        bias = torch.cat([attn["q_bias"], torch.zeros_like(attn["v_bias"]), attn["v_bias"]])  # (3*inner,)
+        return attn["qkv.weight"], bias, "bias = cat(q_bias, zeros, v_bias)"
+    return attn["qkv.weight"], attn.get("qkv.bias"), "as is"
+
+
+def convert_published(sd: dict[str, Tensor], origin: dict[str, str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors in our form: the Conv3d tubelet kernel as a Linear on patch vectors, every
+    attention's q/k/v fused, VideoMAE's layer scales (gamma_1, gamma_2) folded into attn.proj
+    and mlp.fc2 (gamma * (W x + b) = (gamma W) x + gamma b). -> (state, origin with how)."""
+    sd, origin = dict(sd), dict(origin)
+    kernel = sd["encoder.patch_embed.proj.weight"]  # (D, C, t, p, p)
+    sd["encoder.patch_embed.proj.weight"] = conv3d_to_linear_weight(kernel)  # (D, t*p*p*C)
+    origin["encoder.patch_embed.proj.weight"] += (f", Conv3d kernel {tuple(kernel.shape)} as a Linear on patch "
+                                                  f"vectors (t, row, col, C)")
+    blocks = sorted({m.group(1) for m in map(_BLOCK.match, sd) if m})  # "encoder.blocks.0", "decoder_blocks.0", ...
+    for b in blocks:
+        pre = f"{b}.attn."
+        attn = {k[len(pre):]: sd.pop(k) for k in list(sd)
+                if k.startswith(pre) and k[len(pre):] not in ("proj.weight", "proj.bias")}  # q/k/v in any form
+        if not attn:
+            continue
+        src = {k: origin.pop(pre + k) for k in attn}
+        weight, bias, how = fuse_qkv(attn)
+        sd[f"{b}.attn.qkv.weight"] = weight
+        origin[f"{b}.attn.qkv.weight"] = " + ".join(v for k, v in src.items() if "weight" in k) + f" ({how})"
+        if bias is not None:
+            sd[f"{b}.attn.qkv.bias"] = bias
+            origin[f"{b}.attn.qkv.bias"] = " + ".join(v for k, v in src.items() if "bias" in k) + f" ({how})"
+        for gamma, layer in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
+            if f"{b}.{gamma}" in sd:
+                g, g_src = sd.pop(f"{b}.{gamma}"), origin.pop(f"{b}.{gamma}")  # (D,)
+                sd[f"{b}.{layer}.weight"] = g[:, None] * sd[f"{b}.{layer}.weight"]
+                sd[f"{b}.{layer}.bias"] = g * sd[f"{b}.{layer}.bias"]
+                for part in ("weight", "bias"):
+                    origin[f"{b}.{layer}.{part}"] += f" (times layer scale {g_src})"
+    if "decoder_embed.weight" in sd and "decoder_embed.bias" not in sd:  # VideoMAE's encoder_to_decoder
+        sd["decoder_embed.bias"] = sd["decoder_embed.weight"].new_zeros(sd["decoder_embed.weight"].shape[0])
+        origin["decoder_embed.bias"] = "zeros (encoder_to_decoder has no bias)"
+    return sd, origin
+
+
+def _pos_kind(sd: dict[str, Tensor], prefix: str, fixed: str) -> str:
+    if f"{prefix}_spatial" in sd:
+        return "separable"
+    return "joint" if prefix in sd else fixed
+
+
+def _pos_grid(sd: dict[str, Tensor], prefix: str, kind: str, cls: bool, t: int, p: int,
+              want: tuple[int, int, int] | None, path: str) -> tuple[int, int, int]:
+    """The token grid (gt, gh, gw) a position table was trained on. A separable table says it;
+    a joint one only gives gt*gh*gw, so: the requested grid if it fits, else the released size
+    (16 frames of 224 px) if it fits, else the only square factorisation, else an error asking
+    for the size. VideoMAE's fixed table is not stored: 16 frames of 224 px, its released size."""
+    if kind == "separable":
+        hw, gt = sd[f"{prefix}_spatial"].shape[1], sd[f"{prefix}_temporal"].shape[1]
+        gh = math.isqrt(hw)
+        if gh * gh != hw:
+            raise CheckpointError(f"{path}: {prefix}_spatial has {hw} positions, not a square grid")
+        return gt, gh, gh
+    if kind != "joint":
+        return 16 // t, 224 // p, 224 // p
+    n = sd[prefix].shape[1] - int(cls)
+    options = [(n // (s * s), s, s) for s in range(1, math.isqrt(n) + 1) if n % (s * s) == 0]
+    for grid in (want, (16 // t, 224 // p, 224 // p)):
+        if grid in options:
+            return grid
+    if len(options) == 1:
+        return options[0]
+    raise CheckpointError(f"{path}: {prefix} holds {n} positions, which fit several token grids (t, h, w): "
+                          f"{options}; pass the checkpoint's own img_size and num_frames (train.py: "
+                          f"--model.encoder.img_size, --model.encoder.num_frames)")
+
+
+def _heads(width: int, given: int | None, table: dict[int, int], default: int, path: str,
+           default_is: str = "the repository's default") -> tuple[int, str]:
+    """(heads, where the number comes from): given, the standard table, or the largest count up
+    to the repository's default that divides the width."""
+    if given:
+        if width % given:
+            raise CheckpointError(f"{path}: {given} heads do not divide the attention width {width}")
+        return given, "as given"
+    if width in table:
+        return table[width], "the standard table"
+    return next(h for h in range(min(default, width), 0, -1) if width % h == 0), default_is
+
+
+def _mlp_ratio(fc1: Tensor, width: int, key: str, path: str) -> float:
+    ratio = fc1.shape[0] / width
+    if int(width * ratio) != fc1.shape[0]:
+        raise CheckpointError(f"{path}: {key} {tuple(fc1.shape)}: an MLP of {fc1.shape[0]} units on width {width} "
+                              f"is not one our Mlp (int(width * ratio)) can build")
+    return ratio
+
+
+def _count(sd: dict[str, Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def _attn_width(sd: dict[str, Tensor], blk: str) -> int:
+    """An attention's inner width (heads x head size), from its q (mae_st) or fused qkv weight."""
+    q = sd.get(f"{blk}attn.q.weight")
+    return q.shape[0] if q is not None else sd[f"{blk}attn.qkv.weight"].shape[0] // 3
+
+
+def _qkv_bias(sd: dict[str, Tensor], blk: str) -> bool:
+    return any(f"{blk}attn.{b}" in sd for b in ("q.bias", "qkv.bias", "q_bias"))
+
+
+def published_config(sd: dict[str, Tensor], family: str, path: str, img_size: int | None, num_frames: int | None,
+                     num_heads: int | None, decoder_heads: int | None
+                     ) -> tuple[MAEConfig, tuple[int, int, int], list[str]]:
+    """Our MAEConfig for the renamed (not yet converted) tensors, at the requested clip size
+    (None: the checkpoint's own), the checkpoint's own grid (gt, gh, gw), and notes for the report."""
+    kernel = sd.get("encoder.patch_embed.proj.weight")
+    if kernel is None or kernel.ndim != 5 or kernel.shape[3] != kernel.shape[4]:
+        raise CheckpointError(f"{path}: patch_embed.proj.weight should be a Conv3d tubelet kernel (D, C, t, p, p); "
+                              f"found {None if kernel is None else tuple(kernel.shape)}")
+    D, C, t, p = kernel.shape[:4]
+    cls = "encoder.cls_token" in sd
+    fixed = "sincos" if family.startswith("videomae") else "none"
+    kind = _pos_kind(sd, "encoder.pos_embed", fixed)
+    if kind == "none":
+        raise CheckpointError(f"{path}: no position table (pos_embed or pos_embed_spatial/temporal) in this "
+                              f"mae_st file")
+    want = None if img_size is None or num_frames is None else (num_frames // t, img_size // p, img_size // p)
+    grid = _pos_grid(sd, "encoder.pos_embed", kind, cls, t, p, want, path)
+    frames, size = num_frames or grid[0] * t, img_size or grid[1] * p
+    if frames % t:
+        raise CheckpointError(f"{path}: clips of {frames} frames do not split into this checkpoint's tubelets of {t} "
+                              f"frames (its Conv3d kernel is {tuple(kernel.shape)}; mae_st's released models use "
+                              f"t = 2, its code's default is 4): set num_frames (--model.encoder.num_frames) to a "
+                              f"multiple of {t}")
+    if size % p:
+        raise CheckpointError(f"{path}: {size} px clips do not split into this checkpoint's {p}-px patches: set "
+                              f"img_size (--model.encoder.img_size) to a multiple of {p}, e.g. "
+                              f"{max(p, round(size / p) * p)}")
+    blk = "encoder.blocks.0."
+    bias, inner = _qkv_bias(sd, blk), _attn_width(sd, blk)
+    enc_default, dec_default = _DEFAULT_HEADS[family]
+    nh, nh_from = _heads(inner, num_heads, _VIT_HEADS, enc_default, path)
+    enc = ViTConfig(img_size=size, num_frames=frames, in_chans=C, patch_size=p, tubelet_size=t, width=D,
+                    depth=_count(sd, "encoder.blocks."), num_heads=nh, head_dim=inner // nh,
+                    mlp_ratio=_mlp_ratio(sd[f"{blk}mlp.fc1.weight"], D, "blocks.0.mlp.fc1.weight", path),
+                    qkv_bias=bias, spt=False, lsa=False, attention="joint", pos_embed=kind, cls_token=cls,
+                    norm_eps=1e-6)  # mae_st and VideoMAE: partial(nn.LayerNorm, eps=1e-6)
+    notes = [f"encoder: width {D}, depth {enc.depth}, {nh} head(s) ({nh_from}; a checkpoint does not store head "
+             f"counts), MLP {sd[f'{blk}mlp.fc1.weight'].shape[0]}, q/k/v bias {bias}, cls token {cls}, "
+             f"{kind} positions, tubelet {t} x {p} x {p}, {C} channels"]
+    mask_type = "tube" if family.startswith("videomae") else "random"
+    if "decoder_pred.weight" not in sd:  # a fine-tuned ViT: a fresh decoder as the pretraining recipe builds it
+        if family == "videomae_vit":
+            Dd, t_pred = D // 2, t
+            dh = _heads(Dd, decoder_heads, _VIDEOMAE_DECODER_HEADS, dec_default, path)[0]
+        else:  # mae_st's recipe: 512 wide, 16 heads, half the frames predicted
+            Dd, dh, t_pred = 512, _heads(512, decoder_heads, {}, 16, path)[0], t // 2 if t % 2 == 0 else t
+        cfg = MAEConfig(encoder=enc, decoder_width=Dd, decoder_depth=4, decoder_heads=dh, decoder_head_dim=Dd // dh,
+                        decoder_mlp_ratio=4.0, decoder_qkv_bias=True, mask_ratio=0.9, mask_type=mask_type,
+                        norm_pix_loss=True, pred_t_dim=0 if t_pred == t else t_pred * frames // t)
+        notes.append(f"decoder: none in the file; a fresh one as the pretraining recipe builds it (width {Dd}, "
+                     f"depth 4, {dh} heads), left at its initial values")
+        return cfg, grid, notes
+    dblk = "decoder_blocks.0."
+    Dd = sd["decoder_embed.weight"].shape[0]
+    dinner = _attn_width(sd, dblk)
+    table = _VIDEOMAE_DECODER_HEADS if family == "videomae" else {}
+    if dec_default is None:  # PySlowFast's MSSeparateHead: num_heads = dim_out // 64
+        dh, dh_from = _heads(dinner, decoder_heads, {}, max(dinner // 64, 1), path, "PySlowFast: width // 64")
+    else:
+        dh, dh_from = _heads(dinner, decoder_heads, table, dec_default, path)
+    out = sd["decoder_pred.weight"].shape[0]
+    t_pred = out // (p * p * C)
+    if t_pred < 1 or t_pred * p * p * C != out or t % t_pred:
+        raise CheckpointError(f"{path}: decoder_pred predicts {out} numbers per token, which is not a whole number of "
+                              f"frames dividing the tubelet of {t} ({p} x {p} x {C} per frame)")
+    dkind = _pos_kind(sd, "decoder_pos_embed", "sincos" if family == "videomae" else kind)
+    tables = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("decoder_pos_embed")}
+    dgrid = _pos_grid(sd, "decoder_pos_embed", dkind, cls, t, p, grid, path) if tables else grid
+    if dkind != "sincos" and dgrid != grid:
+        raise CheckpointError(f"{path}: the decoder's position tables {tables} are for the token grid {dgrid} "
+                              f"(t, h, w), the encoder's for {grid}")
+    cfg = MAEConfig(encoder=enc, decoder_width=Dd, decoder_depth=_count(sd, "decoder_blocks."), decoder_heads=dh,
+                    decoder_head_dim=dinner // dh,
+                    decoder_mlp_ratio=_mlp_ratio(sd[f"{dblk}mlp.fc1.weight"], Dd, "decoder fc1", path),
+                    decoder_qkv_bias=_qkv_bias(sd, dblk),
+                    mask_ratio=0.9, mask_type=mask_type, norm_pix_loss=True,
+                    pred_t_dim=0 if t_pred == t else t_pred * frames // t)
+    notes.append(f"decoder: width {Dd}, depth {cfg.decoder_depth}, {dh} head(s) ({dh_from}), {dkind} positions, "
+                 f"predicts {t_pred} of every {t} frames"
+                 + (f" ({cfg.pred_t_dim} of {frames})" if cfg.pred_t_dim else ""))
+    if dkind != kind:
+        notes.append(f"positions: the encoder's are {kind} and the decoder's {dkind}; our VideoMAE uses one kind for "
+                     f"both, so both become joint tables holding the same numbers (exact at load; during "
+                     f"fine-tuning every position then moves on its own)")
+    return cfg, grid, notes
+
+
+def resize_spatial(table: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    """(N, gh*gw, D) positions on a gh x gw grid -> (N, gh'*gw', D), bicubic with
+    align_corners=False, as mae_st's and DeiT's interpolate_pos_embed. The same size is returned
+    unchanged."""
+    if tuple(src) == tuple(dst):
+        return table
+    N, _, D = table.shape
+    x = table.reshape(N, src[0], src[1], D).permute(0, 3, 1, 2)  # (N, D, gh, gw)
+    x = F.interpolate(x, size=tuple(dst), mode="bicubic", align_corners=False)  # (N, D, gh', gw')
+    return x.permute(0, 2, 3, 1).reshape(N, dst[0] * dst[1], D)  # (N, gh'*gw', D)
+
+
+def resize_temporal(table: Tensor, dst: int) -> Tensor:
+    """(N, gt, D) positions over gt time slices -> (N, gt', D), linear with align_corners=False.
+    The same size is returned unchanged."""
+    if table.shape[1] == dst:
+        return table
+    x = F.interpolate(table.transpose(1, 2), size=dst, mode="linear", align_corners=False)  # (N, D, gt')
+    return x.transpose(1, 2)  # (N, gt', D)
+
+
+def resize_grid_table(table: Tensor, src: tuple[int, int, int], dst: tuple[int, int, int]) -> Tensor:
+    """A joint table (1, gt*gh*gw, D) in (gt, gh, gw) order -> (1, gt'*gh'*gw', D): each time
+    slice resized in space (bicubic), then each position in time (linear)."""
+    gt, gh, gw = src
+    x = resize_spatial(table.reshape(gt, gh * gw, -1), (gh, gw), dst[1:])  # (gt, hw', D)
+    x = resize_temporal(x.transpose(0, 1), dst[0]).transpose(0, 1)  # (gt', hw', D)
+    return x.reshape(1, dst[0] * dst[1] * dst[2], -1)  # (1, L', D)
+
+
+def resize_positions(sd: dict[str, Tensor], prefix: str, kind: str, cls: bool, src: tuple[int, int, int],
+                     dst: tuple[int, int, int]) -> list[str]:
+    """Resize one learned position table in place (separable or joint; the class position is
+    kept); -> report lines. Fixed sin-cos tables are rebuilt by the model for its own grid."""
+    if src == dst or kind not in ("separable", "joint") or not any(k.startswith(prefix) for k in sd):
+        return []
+    (gt, gh, gw), (gt2, gh2, gw2) = src, dst
+    if kind == "separable":
+        sd[f"{prefix}_spatial"] = resize_spatial(sd[f"{prefix}_spatial"], (gh, gw), (gh2, gw2))
+        sd[f"{prefix}_temporal"] = resize_temporal(sd[f"{prefix}_temporal"], gt2)
+        return ([f"{prefix}_spatial {gh}x{gw} -> {gh2}x{gw2} (bicubic)"] if (gh, gw) != (gh2, gw2) else []) + \
+            ([f"{prefix}_temporal {gt} -> {gt2} (linear)"] if gt != gt2 else [])
+    n = int(cls)
+    table = sd[prefix]
+    sd[prefix] = torch.cat([table[:, :n], resize_grid_table(table[:, n:], src, dst)], dim=1)
+    return [f"{prefix} {gt}x{gh}x{gw} -> {gt2}x{gh2}x{gw2} (bicubic in space, linear in time"
+            f"{', class position kept' if cls else ''})"]
+
+
+def joint_positions(sd: dict[str, Tensor], prefix: str, kind: str, cls: bool, grid: tuple[int, int, int],
+                    dim: int) -> None:
+    """Replace one position table, in place, by the joint table (1, [1+]L, D) holding the same
+    numbers: a separable one summed out (the class position first), VideoMAE's sin-cos one
+    written down. A joint one is left as it is."""
+    if kind == "separable":
+        table = separable_pos_embed(sd.pop(f"{prefix}_spatial"), sd.pop(f"{prefix}_temporal"))  # (1, L, D)
+        sd[prefix] = torch.cat([sd.pop(f"{prefix}_class"), table], dim=1) if cls else table  # (1, [1+]L, D)
+    elif kind == "sincos":
+        sd[prefix] = sincos_videomae(grid[0] * grid[1] * grid[2], dim)  # (1, L, D)
+
+
+def _fold(text: str, i: str) -> str:
+    return re.sub(rf"(blocks|transforms\.0)\.{i}\.", r"\1.{i}.", text)
+
+
+def _grouped(origin: dict[str, str]) -> list[str]:
+    """'our key <- file key' lines, one per kind of block parameter: blocks.{i} (i = 0-23)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for ours, src in origin.items():
+        m = re.search(r"blocks\.(\d+)\.", ours)
+        if m is None:
+            groups[(ours, src)] = []
+        else:
+            groups.setdefault((_fold(ours, m.group(1)), _fold(src, m.group(1))), []).append(int(m.group(1)))
+    lines = []
+    for (ours, src), idx in groups.items():
+        if len(idx) == 1:
+            ours, src = ours.replace("{i}", str(idx[0])), src.replace("{i}", str(idx[0]))
+        lines.append(f"  {ours} <- {src}" + (f"  (i = {min(idx)}-{max(idx)})" if len(idx) > 1 else ""))
+    return lines
+
+
+def _summary(keys: list[str]) -> list[str]:
+    """Every key when there are a few; else one entry per module: "decoder_blocks.* (48 tensors)"."""
+    if len(keys) <= 12:
+        return keys
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(".".join(k.split(".")[:2 if k.startswith("encoder.") else 1]), []).append(k)
+    return [ks[0] if len(ks) == 1 else f"{head}.* ({len(ks)} tensors)" for head, ks in groups.items()]
+
+
+def fit_positions(state: dict[str, Tensor], origin: dict[str, str], cfg: MAEConfig, family: str,
+                  src_grid: tuple[int, int, int]) -> list[str]:
+    """Resize the learned position tables from the checkpoint's grid to cfg's, in place; where
+    the encoder's and the decoder's tables are of different kinds (PySlowFast: separable and
+    joint), make both joint, since our VideoMAE uses one kind for both. -> report lines."""
+    enc = cfg.encoder
+    grid = (enc.num_frames // enc.tubelet_size, enc.img_size // enc.patch_size, enc.img_size // enc.patch_size)
+    dkind = _pos_kind(state, "decoder_pos_embed", "sincos" if family == "videomae" else enc.pos_embed)
+    lines = []
+    for prefix, kind in (("encoder.pos_embed", enc.pos_embed), ("decoder_pos_embed", dkind)):
+        lines += [f"resized: {r}" for r in resize_positions(state, prefix, kind, enc.cls_token, src_grid, grid)]
+    if "decoder_pred.weight" not in state or dkind == enc.pos_embed:
+        return lines
+    for prefix, kind, dim in (("encoder.pos_embed", enc.pos_embed, enc.width),
+                              ("decoder_pos_embed", dkind, cfg.decoder_width)):
+        if kind != "joint":
+            parts = [origin.pop(k) for k in (f"{prefix}_class", f"{prefix}_spatial", f"{prefix}_temporal")
+                     if k in origin]
+            joint_positions(state, prefix, kind, enc.cls_token, grid, dim)
+            origin[prefix] = (" + ".join(parts) + " (summed into one joint table)" if parts else
+                              "VideoMAE's fixed sin-cos table, written down as a learned joint table")
+    enc.pos_embed = "joint"
+    return lines
+
+
+def check_published_shapes(state: dict[str, Tensor], origin: dict[str, str], cfg: MAEConfig, path: str) -> list[str]:
+    """Every tensor against our VideoMAE built from cfg (on the meta device: no memory): a
+    CheckpointError naming the file's key, ours and both shapes at the first difference.
+    -> every key of our model's state dict, in its order."""
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in VideoMAE(cfg).state_dict().items()}
+    for key, value in state.items():
+        if key not in want:
+            raise CheckpointError(f"{path}: {origin.get(key, key)} maps to {key}, which our model built from this "
+                                  f"file's shapes does not have")
+        if value.shape != want[key]:
+            hint = ("patch size and tubelet (the Conv3d kernel is (D, C, t, p, p))" if "patch_embed" in key else
+                    "pred_t_dim and the tubelet" if "decoder_pred" in key else
+                    "num_frames / tubelet_size and img_size / patch_size" if "pos_embed" in key else
+                    "the file's other tensors")
+            raise CheckpointError(f"{path}: {origin.get(key, key)} -> {key}: shape {tuple(value.shape)} in the file, "
+                                  f"{tuple(want[key])} in our model (set from {hint})")
+    return list(want)
+
+
+def published_report(path: str, family: str, n: int, found: str, cfg: MAEConfig, src_grid: tuple[int, int, int],
+                     lines: list[str], origin: dict[str, str], ignored: dict[str, str], missing: list[str]) -> str:
+    """What load_published did, for a person: the architecture it read, the clip grids, what
+    was resized, every tensor mapped (block parameters one line per kind), ignored and missing."""
+    enc = cfg.encoder
+    (gt, gh, gw), t, p = src_grid, enc.tubelet_size, enc.patch_size
+    assumed = ", assumed: VideoMAE does not store its table" if enc.pos_embed == "sincos" else ""
+    out = [f"{path}: {PUBLISHED_FAMILIES[family]}; {n} tensors {found}"]
+    out += [ln for ln in lines if not ln.startswith("resized:")]
+    out.append(f"clips: the checkpoint's grid {gt}x{gh}x{gw} ({gt * t} frames of {gh * p} px{assumed}) -> ours "
+               f"{enc.num_frames // t}x{enc.img_size // p}x{enc.img_size // p} ({enc.num_frames} frames of "
+               f"{enc.img_size} px)")
+    out += [ln for ln in lines if ln.startswith("resized:")]
+    if enc.pos_embed == "sincos":
+        out.append("fixed sin-cos positions: rebuilt for our grid (VideoMAE rebuilds them for any size too)")
+    out += {"videomae": ["note: VideoMAE's pixel targets are normalised per channel within a patch; our "
+                         "norm_pix_loss normalises over the whole patch, so its decoder starts in a slightly "
+                         "different target space"],
+            "mae_st_slowfast": ["note: PySlowFast's targets are every t-th frame (0, 2, ..., 14); ours are mae_st's "
+                                "linspace(0, T-1, pred_t_dim) (0, 2, ..., 12, 15)"],
+            "videomae_vit": ["note: fc_norm -> encoder.norm: VideoMAE pools the tokens, then applies fc_norm, which "
+                             "is what our `embed` does"]}.get(family, [])
+    out.append(f"mapped {len(origin)} tensors (our key <- file key):")
+    out += _grouped(origin)
+    for why in dict.fromkeys(ignored.values()):
+        keys = [k for k, w in ignored.items() if w == why]
+        out.append(f"ignored {len(keys)} ({why}): {', '.join(keys)}")
+    reasons = {"decoder_cls_token": "PySlowFast's decoder carries the encoder's own cls output instead"} \
+        if family == "mae_st_slowfast" else {}
+    out.append(f"missing {len(missing)} (left at their initial values): " +
+               ", ".join(k + (f" ({reasons[k]})" if k in reasons else "") for k in _summary(missing))
+               if missing else "missing: none")
+    return "\n".join(out)
+
+
+def load_published(path: str, ck: dict, img_size: int | None = None, num_frames: int | None = None,
+                   num_heads: int | None = None, decoder_heads: int | None = None) -> tuple[MAEConfig, dict, str]:
+    """A published video MAE checkpoint as (our MAEConfig, a state dict for our VideoMAE, a report).
+
+    ck: the dict from stmeta.load_checkpoint(path). img_size / num_frames: the clips the model
+    will see (None: the checkpoint's own, 224 px and 16 frames for the released models); learned
+    position tables are resized to that grid. num_heads / decoder_heads: the attention head
+    counts, which a checkpoint does not store (None: the published table). The state holds every
+    tensor the file gives, in our form; the report lists what was mapped, ignored and missing.
+    Any inconsistency raises stmeta.CheckpointError naming the file, the key and the shapes.
+    """
+    sd, found = published_state_dict(ck, path)
+    family = published_family(sd, path)
+    named, origin, ignored = rename_published(sd, family, path)
+    cfg, src_grid, notes = published_config(named, family, path, img_size, num_frames, num_heads, decoder_heads)
+    state, origin = convert_published(named, origin)
+    notes += fit_positions(state, origin, cfg, family, src_grid)
+    keys = check_published_shapes(state, origin, cfg, path)
+    missing = [k for k in keys if k not in state]
+    state = {k: state[k] for k in keys if k in state}  # in our model's order
+    origin = {k: origin[k] for k in state}
+    report = published_report(path, family, len(sd), found, cfg, src_grid, notes, origin, ignored, missing)
+    return cfg, state, report

@@ -837,9 +837,13 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
 # Where an encoder comes from: our checkpoints of any stage, or a published MAE
 
 
-def load_source(path: str, dist: stmeta.Dist) -> tuple[stmeta.MAEConfig, dict, str]:
+def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = None, overrides=()
+                ) -> tuple[stmeta.MAEConfig, dict, str]:
     """(model config, MAE-shaped state dict, description) from a checkpoint of any stage of
-    ours, or a published mae_st / VideoMAE file. The run adopts the checkpoint's architecture."""
+    ours, or a published mae_st / VideoMAE file. The run adopts the checkpoint's architecture.
+    A published file is fitted to the run's clips (run_cfg's img_size and num_frames: its
+    position tables are resized); head counts, which a file does not store, are taken from
+    --model.encoder.num_heads / --model.decoder_heads when those are given in `overrides`."""
     ck = stmeta.load_checkpoint(path)
     if "config" in ck and ck.get("kind") in ("mae", "classifier", "mann"):
         model_cfg = stmeta.config_from_dict(stmeta.Config, ck["config"]).model
@@ -853,7 +857,14 @@ def load_source(path: str, dist: stmeta.Dist) -> tuple[stmeta.MAEConfig, dict, s
                 raise SystemExit(f"{path}: this stage-3 run's backbone has no encoder weights "
                                  f"(backbone {ck['config']['meta']['backbone']!r})")
         return model_cfg, state, f"our {ck['kind']} checkpoint (step {ck.get('step')})"
-    model_cfg, state, report = models.load_published(path, ck)
+    fit = {}
+    if run_cfg is not None:
+        enc = run_cfg.model.encoder
+        given = {stmeta.resolve_key(run_cfg, a[2:].split("=", 1)[0].replace("-", "_")) for a in overrides}
+        fit = dict(img_size=enc.img_size, num_frames=enc.num_frames,
+                   num_heads=enc.num_heads if "model.encoder.num_heads" in given else None,
+                   decoder_heads=run_cfg.model.decoder_heads if "model.decoder_heads" in given else None)
+    model_cfg, state, report = models.load_published(path, ck, **fit)
     if dist.is_main:
         print(report)
     return model_cfg, state, "a published video MAE checkpoint"
@@ -892,7 +903,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--pretrained is for stages 2 and 3; stage 1 takes --init")
     if source:
         try:
-            model_cfg, source_state, what = load_source(source, dist)
+            model_cfg, source_state, what = load_source(source, dist, cfg, overrides)
         except stmeta.CheckpointError as e:
             raise SystemExit(str(e)) from None
         if dist.is_main:
