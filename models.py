@@ -1033,6 +1033,7 @@ class MetaLearner(nn.Module):
         """x (B, S, out_dim) embeddings from the backbone; as MANN.forward otherwise."""
         return self.mann(self.norm(x), label_in, state)
 
+
 # -----------------------------------------------------------------------------
 # Loading published checkpoints: mae_st (its own form and PySlowFast's) and VideoMAE
 #
