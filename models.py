@@ -170,6 +170,36 @@ def shift_stack(video: Tensor, shifts: list[tuple[int, int]]) -> Tensor:
     return torch.cat(views, dim=1)  # (B, 5C, T, H, W)
 
 
+def tubelet_tokens(video: Tensor, t: int, p: int, shifts: list[tuple[int, int]],
+                   ids_keep: Tensor | None = None) -> Tensor:
+    """gather_tokens(patchify(shift_stack(video, shifts), t, p), ids_keep) in one copy of the kept
+    tokens (tested equal). shifts [] is plain `patchify`; ids_keep None keeps every token.
+
+    Each shifted frame is a window of the zero-padded video, and the tubelets of a window are
+    a strided view of it; only the kept tokens are read, and the views are stacked straight
+    into patchify's layout (t, p, p, (1 + len(shifts)) * C), view-major, channel fastest.
+    The written-out composition copies the stacked video twice and drops masked tokens last.
+    video (B, C, T, H, W) -> (B, L', t*p*p*(1 + len(shifts))*C).
+    """
+    B, C, T, H, W = video.shape
+    if T % t or H % p or W % p:
+        raise ValueError(f"video of {T} frames x {H}x{W} pixels does not split into tubelets of "
+                         f"{t} frames x {p}x{p} pixels")
+    gt, gh, gw = T // t, H // p, W // p
+    s = max([0] + [max(abs(dy), abs(dx)) for dy, dx in shifts])  # the padding the shifts need
+    padded = F.pad(video, (s, s, s, s)) if s else video  # (B, C, T, H+2s, W+2s)
+    views = []
+    for dy, dx in [(0, 0)] + list(shifts):  # out[i, j] = frame[i - dy, j - dx], as shift_stack
+        x = padded[..., s - dy:s - dy + H, s - dx:s - dx + W]  # (B, C, T, H, W), a view
+        x = x.view(B, C, gt, t, gh, p, gw, p).permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, gt, gh, gw, t, p, p, C)
+        if ids_keep is not None:  # token l sits at (l // (gh*gw), l // gw % gh, l % gw) of the grid
+            rows = torch.arange(B, device=video.device)[:, None]  # (B, 1)
+            x = x[rows, ids_keep // (gh * gw), ids_keep // gw % gh, ids_keep % gw]  # (B, L', t, p, p, C)
+        views.append(x)
+    x = torch.stack(views, dim=-2) if len(views) > 1 else views[0]  # (B, L' | gt, gh, gw, t, p, p, [V,] C)
+    return x.reshape(B, -1, t * p * p * C * len(views))  # (B, L', P); copies only a lone unmasked view
+
+
 class PatchEmbed(nn.Module):
     """Linear tubelet embedding: patchify, then one Linear. Equal to mae_st's Conv3d with
     kernel = stride = (t, p, p) (see `conv3d_to_linear_weight`)."""
@@ -181,8 +211,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """video (B, C, T, H, W) -> (B, L', D); ids_keep (B, L') embeds only those tokens."""
-        x = patchify(video, self.tubelet, self.patch)  # (B, L, P)
-        return self.proj(gather_tokens(x, ids_keep))  # (B, L', D)
+        x = tubelet_tokens(video, self.tubelet, self.patch, [], ids_keep)  # (B, L', P)
+        return self.proj(x)  # (B, L', D)
 
 
 class ShiftedPatchTokenizer(nn.Module):
@@ -200,10 +230,17 @@ class ShiftedPatchTokenizer(nn.Module):
 
     def forward(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """video (B, C, T, H, W) -> (B, L', D); the shifts see the whole frame, the norm and
-        projection only the kept tokens (masked tokens cost nothing)."""
-        x = shift_stack(video, self.shifts)  # (B, 5C, T, H, W)
-        x = patchify(x, self.tubelet, self.patch)  # (B, L, 5P)
-        return self.proj(self.norm(gather_tokens(x, ids_keep)))  # (B, L', D)
+        projection only the kept tokens (masked tokens cost nothing).
+        Equal to proj(norm(gather_tokens(patchify(shift_stack(video)), ids_keep))) (tested)."""
+        x = tubelet_tokens(video, self.tubelet, self.patch, self.shifts, ids_keep)  # (B, L', 5P)
+        # The norm's affine folded into the projection: proj(norm(x)) = x_hat (W diag(g))^T + (W beta + b).
+        # The same function of the same parameters, but the backward no longer needs the gradient
+        # of the wide (B, L', 5P) normalised tokens (a 5P x D matrix product and a LayerNorm
+        # backward per step) to reach g and beta.
+        x_hat = F.layer_norm(x, x.shape[-1:], eps=self.norm.eps)  # (B, L', 5P)
+        weight = self.proj.weight * self.norm.weight  # (D, 5P)
+        bias = self.proj.bias + (self.proj.weight * self.norm.bias).sum(-1)  # (D,), outside autocast's bf16 matmuls
+        return F.linear(x_hat, weight, bias)  # (B, L', D)
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from models import (
     circular_shift, content_addressing, conv3d_to_linear_weight, cosine_similarity, count_parameters,
     gather_tokens, interpolate, least_used, lrua_usage, lrua_write, memory_read, ntm_write, param_groups,
     patchify, random_masking, separable_pos_embed, set_fast_attention, sharpen, shift_stack, sincos_3d,
-    sincos_videomae, spt_shifts, tube_masking, unpatchify,
+    sincos_videomae, spt_shifts, tube_masking, tubelet_tokens, unpatchify,
 )
 
 
@@ -168,6 +168,34 @@ def test_spt_shapes_and_gradcheck():
     ids = torch.tensor([[0, 5, 7]])
     assert torch.allclose(tok(x, ids), tok(x)[:, [0, 5, 7]])
     assert gradcheck(lambda v: tok(v), (x,))
+
+
+@pytest.mark.parametrize("mode", ["diagonal_half", "cardinal_1"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_tubelet_tokens_equal_patchify_of_shift_stack(mode, masked):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 8, 12, generator=g)  # 2 x 2 x 3 tokens of tubelet 2, patch 4
+    ids = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(3)]) if masked else None
+    for shifts in ([], spt_shifts(mode, 4)):
+        ref = gather_tokens(patchify(shift_stack(x, shifts) if shifts else x, 2, 4), ids)
+        assert torch.equal(tubelet_tokens(x, 2, 4, shifts, ids), ref)
+
+
+def test_spt_folded_norm_equals_norm_then_projection():
+    """The tokenizer folds the norm's affine into the projection: same outputs, same gradients."""
+    torch.manual_seed(0)
+    tok = ShiftedPatchTokenizer(3, 2, 4, 16).double()
+    nn.init.normal_(tok.norm.weight)
+    nn.init.normal_(tok.norm.bias)
+    x = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+    ids = torch.tensor([[0, 3, 5], [7, 1, 2]])
+    for keep in (None, ids):
+        written_out = tok.proj(tok.norm(gather_tokens(patchify(shift_stack(x, tok.shifts), 2, 4), keep)))
+        grads = torch.autograd.grad(written_out.square().sum(), list(tok.parameters()))
+        fast = tok(x, keep)
+        assert torch.allclose(fast, written_out, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(fast.square().sum(), list(tok.parameters())), grads):
+            assert torch.allclose(a, b, atol=1e-9)
 
 
 # -----------------------------------------------------------------------------
