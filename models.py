@@ -368,20 +368,28 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, L, hs)
+        nh, hs = self.num_heads, self.head_dim
         p = self.attn_dropout if self.training else 0.0
         mask_diagonal = self.lsa and L > 1
         if not self.fast:
-            scale = self.temperature if self.lsa else self.head_dim ** -0.5
+            qkv = self.qkv(x).view(B, L, 3, nh, hs)  # (B, L, 3, nh, hs)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, L, hs)
+            scale = self.temperature if self.lsa else hs ** -0.5
             out = attention_reference(q, k, v, scale, mask_diagonal, p)  # (B, nh, L, hs)
-        elif self.lsa:
-            q = q * self.temperature.to(q.dtype).view(1, -1, 1, 1)  # (B, nh, L, hs): temperature folded into q
-            allowed = ~torch.eye(L, dtype=torch.bool, device=x.device) if mask_diagonal else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=1.0)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.head_dim ** -0.5)
-        out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # (B, L, nh*hs)
+            weight, bias = self.qkv.weight, self.qkv.bias  # (3*nh*hs, D): q rows, then k, then v
+            if self.lsa:  # the temperature scales q: fold it into q's rows of the (small) weight
+                rows = torch.cat([self.temperature.repeat_interleave(hs), self.temperature.new_ones(2 * nh * hs)])
+                weight = weight * rows[:, None]
+                bias = bias * rows if bias is not None else None
+            qkv = F.linear(x, weight, bias).view(B, L, 3, nh, hs)  # (B, L, 3, nh, hs)
+            # The same strided views as permute(2, 0, 3, 1, 4).unbind(0), taken in this order so
+            # that the backward stacks the three gradients straight into qkv's layout (one copy, not two).
+            q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # 3 x (B, nh, L, hs)
+            allowed = ~torch.eye(L, dtype=torch.bool, device=x.device) if mask_diagonal else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p,
+                                                 scale=1.0 if self.lsa else hs ** -0.5)  # (B, nh, L, hs)
+        out = out.transpose(1, 2).reshape(B, L, nh * hs)  # (B, L, nh*hs)
         return self.proj_drop(self.proj(out))  # (B, L, D)
 
 
@@ -401,8 +409,8 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     scaling the kept ones by 1/(1-p). x (B, ...)."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)  # (B, 1, ..)
-    return x * keep / (1 - p)
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)  # (B, 1, ..)
+    return x * keep  # one pass over x, not two
 
 
 class DropPath(nn.Module):

@@ -254,6 +254,25 @@ def test_fast_attention_equals_written_out(lsa):
     assert torch.allclose(fast, attn(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("lsa", [False, True])
+def test_fast_attention_parameter_gradients_equal_written_out(lsa):
+    """The fast path folds LSA's temperature into the q rows of the projection: the
+    temperature, weight and bias gradients must still be the written-out ones."""
+    torch.manual_seed(0)
+    attn = Attention(24, 3, 16, qkv_bias=True, lsa=lsa).double()
+    if lsa:
+        attn.temperature.data = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    grads = {}
+    for fast in (True, False):
+        attn.fast = fast
+        attn(x).square().sum().backward()
+        grads[fast] = {n: p.grad.clone() for n, p in attn.named_parameters()}
+        attn.zero_grad()
+    for name in grads[True]:
+        assert torch.allclose(grads[True][name], grads[False][name], atol=1e-10), name
+
+
 def test_lsa_masks_the_diagonal():
     L = 5
     q, k = torch.randn(1, 2, L, 4), torch.randn(1, 2, L, 4)
