@@ -150,10 +150,10 @@ def default_out(stage: int, resume: bool) -> str:
 def open_data(args, cfg: stmeta.Config, dist: stmeta.Dist) -> data.ClipCache:
     enc = cfg.model.encoder
     if args.data is None:
-        # The synthetic benchmark, sized for the model: enough frames for one clip of
-        # num_frames at the sampling rate, and at least 32.
+        # The synthetic benchmark, sized for the model: rendered at its input size, with enough
+        # frames for one clip of num_frames at the sampling rate, and at least 32.
         frames = max(32, enc.num_frames * cfg.data.sampling_rate)
-        size = 64 if enc.img_size <= 64 else enc.img_size
+        size = enc.img_size  # rendered at the model's input size: no resizing in the loader
         args.data = os.path.join("data_cache", f"synthetic-{size}px-{frames}f")
         if dist.is_main:
             print(f"data: the synthetic benchmark in {args.data} (built on first use; --data DIR for your own)")
@@ -646,22 +646,49 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
 
 
 @torch.no_grad()
-def embed_all(backbone, cache, cfg, device, precision, batch: int = 64) -> torch.Tensor:
-    """Every clip through the frozen backbone once (centred window, no augmentation):
-    (N, D) float32. Stage 3 then never re-encodes a clip."""
+def embed_all(backbone, cache, cfg, device, precision, indices=None, batch: int = 64, quiet: bool = False
+              ) -> torch.Tensor:
+    """Clips through the backbone once (centred window, no augmentation): (N, D) float32
+    for every clip of the cache; rows not in `indices` (default: all) stay zero. A frozen
+    stage 3 calls this once and never re-encodes a clip."""
     enc = cfg.model.encoder
-    ds = data.ClipDataset(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
-                          sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=False)
+    indices = np.arange(len(cache.labels)) if indices is None else np.asarray(indices)
+    ds = data.ClipDataset(cache, indices, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
+                          size=enc.img_size, train=False)
+    was_training = backbone.training
     backbone.eval()
     out = []
-    prog = stmeta.Progress(len(ds), "embedding clips")
+    prog = None if quiet else stmeta.Progress(len(ds), "embedding clips")
     batches = [list(range(j, min(j + batch, len(ds)))) for j in range(0, len(ds), batch)]
     for video, _ in loader(ds, batches, cfg, device):
         with stmeta.autocast(device, precision):
             out.append(backbone(video.to(device, non_blocking=True)).float())
-        prog.update(video.shape[0])
-    prog.close()
-    return torch.cat(out)
+        if prog:
+            prog.update(video.shape[0])
+    if prog:
+        prog.close()
+    backbone.train(was_training)
+    emb = torch.zeros(len(cache.labels), out[0].shape[1], device=device)
+    emb[torch.as_tensor(indices, device=device)] = torch.cat(out)
+    return emb
+
+
+class StepClips(data.ClipDataset):
+    """The clips of one training step, for end-to-end stage 3: item (step, i) is clip i of
+    the cache augmented with randomness that is a pure function of (seed, step, i), so a
+    DataLoader's workers can prepare whole steps ahead and a resumed run sees the same clips."""
+
+    def __getitem__(self, key):
+        step, i = key
+        self.epoch = step  # this worker's own copy: no effect on other workers
+        return super().__getitem__(i)
+
+
+def episodes_at(sampler, step: int, micro: int, mc: stmeta.MetaConfig, seed: int, dist: stmeta.Dist):
+    """The batch of training episodes of one (step, micro-step, rank): a pure function of them."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * mc.accum_steps + micro) * dist.world_size
+                                      + dist.rank)
+    return sampler.sample(mc.batch_size, g)
 
 
 def episode_loss(mann, x, ep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -698,50 +725,16 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size)
     if encoder_state is not None and mc.backbone == "mae":
         backbone.vit.load_state_dict(encoder_state)
-    backbone = backbone.to(device)
-    mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way).to(device)
-    model = models.MetaLearner(backbone, mann)  # input norm + backbone + MANN: one state dict
+    mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way)
+    model = models.MetaLearner(backbone, mann).to(device)  # backbone + input norm + MANN: one state dict
     frozen = mc.freeze_backbone or mc.backbone == "pixels"
-    emb = None
-    if frozen:
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        emb_path = os.path.join(folder, "embeddings.pt")
-        if os.path.exists(emb_path):
-            emb = stmeta.load_checkpoint(emb_path)["embeddings"].to(device)
-        else:
-            emb = embed_all(backbone, cache, cfg, device, precision)
-            if dist.is_main:
-                stmeta.save_checkpoint(emb_path, {"embeddings": emb.cpu(), "backbone": mc.backbone})
-        if dist.is_main:
-            print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
-    else:
-        clip_ds = data.ClipDataset(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
-                                   sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=True,
-                                   scale_min=cfg.data.scale_min, hflip=cfg.data.hflip, seed=cfg.seed)
-        eval_ds = data.ClipDataset(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
-                                   sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=False)
-        if dist.is_main:
-            print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr})")
-
-    def features(ep, train: bool):
-        """(B, S, D) inputs for the MANN: cached embeddings, or clips through the backbone."""
-        if emb is not None:
-            return emb[ep.clips]
-        ds = clip_ds if train else eval_ds
-        idx = ep.clips.flatten().tolist()
-        video = torch.stack([ds[i][0] for i in idx]).to(device, non_blocking=True)
-        with stmeta.autocast(device, precision):
-            z = model.backbone(video).float()
-        return z.view(*ep.clips.shape, -1)
-
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [{"params": head, "lr_scale": 1.0, "weight_decay": mc.weight_decay}]
-    if not frozen:
-        groups.append({"params": [p for p in backbone.parameters()], "lr_scale": mc.backbone_lr / mc.lr,
+    if frozen:
+        backbone.requires_grad_(False)
+    else:
+        groups.append({"params": list(backbone.parameters()), "lr_scale": mc.backbone_lr / mc.lr,
                        "weight_decay": mc.weight_decay})
-    for g in groups:
-        g["lr"] = mc.lr * g["lr_scale"]
     optimizer = torch.optim.AdamW(groups, lr=mc.lr)
     step, best, metrics = 0, -1.0, {}
     if resume_ck is not None:
@@ -751,44 +744,75 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         step, metrics = resume_ck["step"], resume_ck["metrics"]
         best = metrics.get("best_val_acc", best)
     total = mc.steps
+
+    emb = None
+    if frozen:  # every clip through the frozen backbone once; episodes then index the table
+        emb_path = os.path.join(folder, "embeddings.pt")
+        if os.path.exists(emb_path):
+            emb = stmeta.load_checkpoint(emb_path)["embeddings"].to(device)
+        else:
+            emb = embed_all(backbone, cache, cfg, device, precision)
+            if dist.is_main:
+                stmeta.save_checkpoint(emb_path, {"embeddings": emb.cpu(), "backbone": mc.backbone})
+        if dist.is_main:
+            print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
+    elif dist.is_main:
+        print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr}); "
+              f"{mc.batch_size * train_eps.steps} clips a step, loaded by {cfg.data.workers} worker(s)")
     describe(cfg, device, precision, model, dist, f"MANN ({mc.n_way}-way {mc.k_shot}-shot, {mc.layout})")
     ddp_model = wrap_model(model, cfg, device, dist)
 
     @torch.no_grad()
     def validate() -> float:
+        """Accuracy on fixed episodes of the held-out classes (the same ones at every call)."""
         model.eval()
-        g = torch.Generator().manual_seed(cfg.seed + 12345)  # the same val episodes at every evaluation
+        table = emb if emb is not None else embed_all(model.backbone, cache, cfg, device, precision,
+                                                      indices=val_pool, quiet=True)
+        g = torch.Generator().manual_seed(cfg.seed + 12345)
         correct = n = 0
         for _ in range(math.ceil(mc.val_episodes / mc.batch_size)):
             ep = move_episode(val_eps.sample(mc.batch_size, g), device)
             with stmeta.autocast(device, precision):
-                _, ok = episode_loss(model, features(ep, train=False), ep)
+                _, ok = episode_loss(model, table[ep.clips], ep)
             correct += ok[ep.is_query].sum().item()
             n += ep.is_query.sum().item()
         model.train()
         return correct / max(n, 1)
 
+    clips_iter = None
+    if emb is None:  # end to end: DataLoader workers prepare each step's clips ahead of time
+        clip_ds = StepClips(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
+                            sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=True,
+                            scale_min=cfg.data.scale_min, hflip=cfg.data.hflip, seed=cfg.seed)
+        keys = ([(s * mc.accum_steps + m, int(i)) for i in episodes_at(train_eps, s, m, mc, cfg.seed, dist).clips.flatten()]
+                for s in range(step, total) for m in range(mc.accum_steps))
+        clips_iter = iter(loader(clip_ds, keys, cfg, device))
+
     log_every = args.log_every or max(1, total // 50)
     stop_at = step + args.stop_after if args.stop_after else total
-    t0, n_eps, loss_sum, acc_sum, loss_n = time.time(), 0, torch.zeros((), device=device), torch.zeros((), device=device), 0
+    t0, n_eps, loss_n = time.time(), 0, 0
+    loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     model.train()
+    if frozen:
+        backbone.eval()  # no dropout / drop path in a frozen backbone
     while step < total and step < stop_at:
         # -- lr
         lr_now = lr_at(step, total, mc.warmup_steps, mc.lr)
         set_lr(optimizer, lr_now)
         # -- step: a batch of episodes, a pure function of (seed, step, rank)
         for micro in range(mc.accum_steps):
-            g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * mc.accum_steps + micro)
-                                              * dist.world_size + dist.rank)
-            ep = move_episode(train_eps.sample(mc.batch_size, g), device)
+            ep = move_episode(episodes_at(train_eps, step, micro, mc, cfg.seed, dist), device)
             sync = ddp_model.no_sync() if (dist.enabled and micro < mc.accum_steps - 1) else stmeta.nullcontext()
-            with sync:
-                x = features(ep, train=True)
-                with stmeta.autocast(device, precision):
-                    logits, _ = ddp_model(x, ep.label_in)
+            with sync, stmeta.autocast(device, precision):
+                if emb is not None:
+                    x = emb[ep.clips]  # (B, S, D) cached embeddings
+                else:
+                    video, _ = next(clips_iter)  # (B*S, C, T, H, W)
+                    x = model.backbone(video.to(device, non_blocking=True)).view(*ep.clips.shape, -1)
+                logits, _ = ddp_model(x, ep.label_in)
                 logits = logits.float()
                 loss = F.cross_entropy(logits[ep.is_query], ep.target[ep.is_query])
-                (loss / mc.accum_steps).backward()
+            (loss / mc.accum_steps).backward()
             loss_sum += loss.detach()
             acc_sum += (logits.detach().argmax(-1) == ep.target)[ep.is_query].float().mean()
             loss_n += 1
@@ -965,8 +989,14 @@ def main(argv=None) -> dict:
                           f"first (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
                 enc_state = encoder_of(train_mae(cfg, cache, os.path.join(out, "pretrain"), device, precision,
                                                  dist, args)["model"])
+                if cfg.meta.classify:
+                    if dist.is_main:
+                        print(f"stage 3, phase 2: fine-tuning the MAE encoder with a classification head on the "
+                              f"meta-train classes (stage 2's recipe; --meta.classify=false skips it) in {out}/classify")
+                    enc_state = encoder_of(train_classifier(cfg, cache, os.path.join(out, "classify"), device,
+                                                            precision, dist, args, enc_state, "meta_train")["model"])
         if dist.is_main:
-            print(f"stage 3, phase 2: meta-training the MANN on {cfg.meta.n_way}-way {cfg.meta.k_shot}-shot episodes "
+            print(f"stage 3, last phase: meta-training the MANN on {cfg.meta.n_way}-way {cfg.meta.k_shot}-shot episodes "
                   f"in {out}")
         ck = train_mann(cfg, cache, out, device, precision, dist, args, enc_state)
         result.update(ck["metrics"])
