@@ -572,6 +572,777 @@ def cmd_export(args) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# speed: benchmark of every hot path
+#
+# One run measures the training steps (MAE pretraining at three mask ratios, classifier
+# fine-tuning, the encoder against a timm-style reference, MANN meta-training on cached
+# embeddings and end to end), their FLOPs against this device's matrix-product peak, the
+# attention kernels, data loading against what the steps consume, peak memory, and (with
+# --compile) torch.compile against eager. Inputs are random tensors on the device, so a step's
+# time is the model's; the loader is measured on its own and feeding a real step.
+
+import dataclasses  # noqa: E402  (this section's own imports)
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+
+SPEED_ROWS = ("mae", "classifier", "encoder", "mann", "attention", "loading")
+
+
+def speed_log(t0: float, msg: str) -> None:
+    print(f"speed [{time.perf_counter() - t0:5.0f}s] {msg}", flush=True)
+
+
+def speed_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_time(step, steps: int, warmup: int, device: torch.device) -> dict:
+    """step() `warmup` times untimed, then `steps` timed times, each ended by a device sync
+    (outside the step, which itself never waits for the device). Seconds per step."""
+    for _ in range(warmup):
+        step()
+    speed_sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        speed_sync(device)
+        times.append(time.perf_counter() - t0)
+    q1, median, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
+    return {"median": median, "min": min(times), "max": max(times), "q1": q1, "q3": q3, "times": times}
+
+
+def speed_memory_reset(device: torch.device) -> None:
+    """Open a row's peak-memory window: the CUDA allocator's peak, or the resident set's
+    high-water mark (Linux resets VmHWM when 5 is written to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak is then the process's since it started
+
+
+def speed_memory_peak(device: torch.device) -> int:
+    """Bytes: the CUDA allocator's peak, or the process's peak resident set size (RSS)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def speed_device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]}, {len(names)} logical cores" if names else "cpu"
+    except OSError:
+        import platform
+        return platform.processor() or "cpu"
+
+
+# -- analytical FLOPs: matrix products only (2 FLOPs per multiply-add); norms, softmax,
+#    activations and residual adds are left out. A training step is 3x the forward (backward = 2x).
+
+
+def speed_block_flops(n_seq: int, L: int, D: int, nh: int, hs: int, mlp_ratio: float) -> float:
+    """One pre-norm block over n_seq sequences of L tokens: q/k/v, output and MLP products,
+    and attention's q k^T and (weights) v, each 2 * L * L * hs per head."""
+    inner, hidden = nh * hs, int(D * mlp_ratio)
+    linear = n_seq * L * (D * 3 * inner + inner * D + 2 * D * hidden)
+    attention = 2 * n_seq * nh * L * L * hs
+    return 2.0 * (linear + attention)
+
+
+def speed_stack_flops(B: int, L: int, D: int, nh: int, hs: int, mlp_ratio: float, depth: int,
+                      divided: bool = False, t: int = 1) -> float:
+    """`depth` blocks on B clips of L tokens; divided attention: over time (B*k sequences of t,
+    plus temporal_fc) then over space (B*t sequences of k = L/t)."""
+    if not divided:
+        return depth * speed_block_flops(B, L, D, nh, hs, mlp_ratio)
+    k = L // t
+    temporal = speed_block_flops(B * k, t, D, nh, hs, 0.0) + 2.0 * B * L * D * D
+    return depth * (temporal + speed_block_flops(B * t, k, D, nh, hs, mlp_ratio))
+
+
+def speed_vit_flops(cfg: stmeta.ViTConfig, B: int, kept: int) -> float:
+    """The video ViT's forward on B clips encoding `kept` tokens each: tokenizer + blocks."""
+    P = cfg.tubelet_size * cfg.patch_size ** 2 * cfg.in_chans * (5 if cfg.spt else 1)
+    return 2.0 * B * kept * P * cfg.width + speed_stack_flops(
+        B, kept + int(cfg.cls_token), cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio, cfg.depth,
+        cfg.attention == "divided", cfg.num_frames // cfg.tubelet_size)
+
+
+def speed_mae_flops(cfg: stmeta.MAEConfig, B: int, kept: int) -> float:
+    """The MAE's forward: the encoder on `kept` tokens, the decoder on all L (+ the cls token)."""
+    enc = cfg.encoder
+    gt = enc.num_frames // enc.tubelet_size
+    L = gt * (enc.img_size // enc.patch_size) ** 2
+    frames = cfg.pred_t_dim or enc.num_frames
+    P_out = enc.tubelet_size * frames // enc.num_frames * enc.patch_size ** 2 * enc.in_chans
+    Ld, Dd = L + int(enc.cls_token), cfg.decoder_width
+    decoder = (2.0 * B * kept * enc.width * Dd + 2.0 * B * Ld * Dd * P_out
+               + speed_stack_flops(B, Ld, Dd, cfg.decoder_heads, cfg.decoder_head_dim, cfg.decoder_mlp_ratio,
+                                   cfg.decoder_depth, enc.attention == "divided", gt))
+    return speed_vit_flops(enc, B, kept) + decoder
+
+
+def speed_mann_flops(cfg: stmeta.MANNConfig, input_dim: int, n_way: int, episodes: int, S: int) -> float:
+    """The MANN's forward over `episodes` episodes of S steps: input projection, LSTM gates,
+    head projections, cosine addressing, reads and writes over the memory, output layer."""
+    nh, N, M, Hc = cfg.read_heads, cfg.n_slots, cfg.slot_dim, cfg.controller_size
+    x = cfg.input_proj or input_dim
+    write_fc = nh if cfg.write == "lrua" else nh * (3 * M + 4 + 2 * cfg.shift_range)
+    memory = nh * N * M * (3 if cfg.write == "lrua" else 5)
+    per_step = (input_dim * cfg.input_proj + (x + n_way + nh * M + Hc) * 4 * Hc + Hc * nh * (M + 1)
+                + Hc * write_fc + memory + (Hc + nh * M) * n_way)
+    return 2.0 * episodes * S * per_step
+
+
+def speed_matmul_peak(device: torch.device, precision: str, steps: int) -> tuple[float, str]:
+    """FLOP/s of large square matrix products in the benchmark's precision (best of `steps`)."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    t = bench_time(lambda: a @ b, max(steps, 3), 2, device)
+    what = f"{n}x{n} @ {n}x{n} {precision}"
+    if device.type == "cuda" and precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        what += " (TF32 matmuls, as train.py sets)"
+    return 2.0 * n ** 3 / t["min"], what
+
+
+# -- the reference: a transformer built like timm's ViT blocks (read in timm/layers/attention.py,
+#    timm/layers/mlp.py and timm/models/vision_transformer.py; written here, nothing copied)
+
+
+class TimmStyleAttention(nn.Module):
+    """timm's Attention: one fused q/k/v Linear, reshape to (B, L, 3, nh, hs), permute to
+    (3, B, nh, L, hs), unbind, F.scaled_dot_product_attention (default scale), transpose and
+    reshape back, output Linear."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hs)
+        q, k, v = qkv.unbind(0)  # 3 x (B, nh, L, hs)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
+        return self.proj(x.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))  # (B, L, D)
+
+
+class TimmStyleBlock(nn.Module):
+    """timm's Block at its defaults: LayerNorm, attention, residual; LayerNorm, Mlp (fc1,
+    nn.GELU, fc2), residual. Layer scale, drop path and dropouts are identities there."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_ratio: float, qkv_bias: bool, eps: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = TimmStyleAttention(dim, num_heads, head_dim, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmStyleEncoder(nn.Module):
+    """A video ViT of timm blocks at a ViTConfig's width, depth, heads and tokens: tubelets
+    embedded by one Linear (timm's PatchEmbed is a Conv with kernel = stride = the patch, the
+    same product), learnable positions, the blocks, a final LayerNorm. No SPT, no LSA."""
+
+    def __init__(self, cfg: stmeta.ViTConfig):
+        super().__init__()
+        self.t, self.p = cfg.tubelet_size, cfg.patch_size
+        L = (cfg.num_frames // cfg.tubelet_size) * (cfg.img_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Linear(cfg.tubelet_size * cfg.patch_size ** 2 * cfg.in_chans, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, L, cfg.width).normal_(std=0.02))
+        self.blocks = nn.Sequential(*[TimmStyleBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio,
+                                                     cfg.qkv_bias, cfg.norm_eps) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(models.patchify(video, self.t, self.p)) + self.pos_embed  # (B, L, D)
+        return self.norm(self.blocks(x))  # (B, L, D)
+
+
+# -- the second reference: SPT and LSA as their published code writes them (aanna0701/SPT_LSA_ViT,
+#    lucidrains/vit-pytorch vit_for_small_dataset.py: read, not copied), at a ViTConfig's settings
+
+
+class WrittenOutLSA(nn.Module):
+    """LSA written out: q/k/v from one Linear, q k^T times a per-head temperature, the diagonal
+    filled with the most negative number, softmax, times v, output Linear."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+        self.temperature = nn.Parameter(torch.full((num_heads,), head_dim ** -0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = (z.reshape(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+                   for z in self.qkv(x).chunk(3, dim=-1))  # 3 x (B, nh, L, hs)
+        dots = q @ k.transpose(-1, -2) * self.temperature.view(1, -1, 1, 1)  # (B, nh, L, L)
+        dots = dots.masked_fill(torch.eye(L, dtype=torch.bool, device=x.device), -torch.finfo(dots.dtype).max)
+        out = dots.softmax(dim=-1) @ v  # (B, nh, L, hs)
+        return self.proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))  # (B, L, D)
+
+
+class WrittenOutSPTEncoder(nn.Module):
+    """A video ViT as the SPT/LSA code writes one: shifted copies padded and concatenated on
+    channels, cut into tubelets, LayerNorm, Linear; learnable positions; pre-norm blocks of
+    written-out LSA and an MLP; a final LayerNorm."""
+
+    def __init__(self, cfg: stmeta.ViTConfig):
+        super().__init__()
+        self.t, self.p, self.shifts = cfg.tubelet_size, cfg.patch_size, models.spt_shifts(cfg.spt_shift, cfg.patch_size)
+        L = (cfg.num_frames // cfg.tubelet_size) * (cfg.img_size // cfg.patch_size) ** 2
+        P = cfg.tubelet_size * cfg.patch_size ** 2 * cfg.in_chans * 5
+        self.patch_norm = nn.LayerNorm(P, eps=cfg.norm_eps)
+        self.patch_embed = nn.Linear(P, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, L, cfg.width).normal_(std=0.02))
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.depth):
+            blk = TimmStyleBlock(cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio, cfg.qkv_bias, cfg.norm_eps)
+            blk.attn = WrittenOutLSA(cfg.width, cfg.num_heads, cfg.head_dim, cfg.qkv_bias)
+            self.blocks.append(blk)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x = models.patchify(models.shift_stack(video, self.shifts), self.t, self.p)  # (B, L, 5P)
+        x = self.patch_embed(self.patch_norm(x)) + self.pos_embed  # (B, L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)  # (B, L, D)
+
+
+# -- the training steps, built as train.py builds them (its optimizer, autocast, GradScaler for fp16)
+
+
+def speed_step(model: nn.Module, loss_fn, optimizer, device: torch.device, precision: str, clip_grad: float = 0.0):
+    """step(batch): forward under autocast, backward, optional clipping, optimizer step. No host
+    sync: the loss is never read."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(batch):
+        with stmeta.autocast(device, precision):
+            loss = loss_fn(model, batch)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def speed_video(B: int, enc: stmeta.ViTConfig, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, enc.in_chans, enc.num_frames, enc.img_size, enc.img_size, generator=g).to(device)
+
+
+def speed_sdpa_backend(q, k, v, mask) -> str:
+    """The kernel F.scaled_dot_product_attention picks for these inputs (torch's own choice)."""
+    try:
+        from torch.nn.attention import SDPBackend
+        choice = int(torch._fused_sdp_choice(q, k, v, mask))
+        names = {int(getattr(SDPBackend, n)): n.lower() for n in
+                 ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") if hasattr(SDPBackend, n)}
+        return names.get(choice, str(choice)) + (" (cpu)" if q.device.type == "cpu" else "")
+    except Exception:  # noqa: BLE001 - a private helper; the table says unknown rather than failing
+        return "unknown"
+
+
+def bench_attention(enc: stmeta.ViTConfig, B: int, device: torch.device, precision: str, steps: int,
+                    warmup: int) -> list[dict]:
+    """Forward + backward of the written-out attention and of scaled_dot_product_attention at the
+    encoder's (B, nh, L, hs), with and without LSA's diagonal mask, in the benchmark's dtype."""
+    L = (enc.num_frames // enc.tubelet_size) * (enc.img_size // enc.patch_size) ** 2
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, enc.num_heads, L, enc.head_dim, generator=g).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(B, enc.num_heads, L, enc.head_dim, generator=g).to(device, dtype)
+    scale = enc.head_dim ** -0.5
+    allowed = ~torch.eye(L, dtype=torch.bool, device=device)
+    variants = [
+        ("written out", False, lambda: models.attention_reference(q, k, v, scale)),
+        ("written out, LSA mask", True, lambda: models.attention_reference(q, k, v, scale, mask_diagonal=True)),
+        ("scaled_dot_product_attention", False, lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)),
+        ("scaled_dot_product_attention, LSA mask", True,
+         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)),
+    ]
+    rows = []
+    for name, masked, fn in variants:
+        speed_memory_reset(device)
+        t = bench_time(lambda: fn().backward(grad), steps, warmup, device)
+        backend = "einsum + softmax" if name.startswith("written") else \
+            speed_sdpa_backend(q, k, v, allowed if masked else None)
+        rows.append({"variant": name, "shape": f"({B}, {enc.num_heads}, {L}, {enc.head_dim})", "dtype": precision,
+                     "kernel": backend, "time": t, "peak_memory": speed_memory_peak(device)})
+    for row in rows:  # each against the written-out attention with the same mask
+        ref = rows[1 if "LSA" in row["variant"] else 0]["time"]["median"]
+        row["speedup"] = ref / row["time"]["median"]
+    return rows
+
+
+def speed_settings(cfg: stmeta.Config, device: torch.device, args) -> dict:
+    """Batch sizes: the preset's own (--batch overrides the clip batches). End to end MANN on a
+    CPU takes as many episodes as fit about 100 GFLOP a step (its backbone trains on every clip)."""
+    mc = cfg.meta
+    S = mc.n_way * ((mc.k_shot + mc.n_query) if mc.layout == "support_query" else mc.seq_shots)
+    enc = cfg.model.encoder
+    L = (enc.num_frames // enc.tubelet_size) * (enc.img_size // enc.patch_size) ** 2
+    e2e = mc.batch_size
+    if device.type != "cuda":
+        per_episode = 3 * speed_vit_flops(enc, S, L)
+        e2e = max(1, min(mc.batch_size, int(100e9 // per_episode)))
+    return {"mae_batch": args.batch or cfg.pretrain.batch_size, "cls_batch": args.batch or cfg.finetune.batch_size,
+            "episodes": mc.batch_size, "e2e_episodes": e2e, "S": S, "L": L}
+
+
+def speed_row(name: str, unit: str, batch: int, t: dict, flops: float, peak: float, memory: int,
+              tokens_per_item: int = 0, mode: str = "eager", **extra) -> dict:
+    rate = batch / t["median"]
+    return {"workload": name, "mode": mode, "unit": unit, "batch": batch, "per_s": rate,
+            "tokens_per_s": rate * tokens_per_item if tokens_per_item else None, "time": t,
+            "gflop_per_step": flops / 1e9, "gflops": flops / t["median"] / 1e9,
+            "peak_fraction": flops / t["median"] / peak, "peak_memory": memory, **extra}
+
+
+def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st: dict, args, peak: float,
+                   t0: float) -> list[dict]:
+    """Every training step, eager (and compiled with --compile)."""
+    import train
+    enc = cfg.model.encoder
+    rows = []
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+
+    def run(group, name, unit, batch, model, loss_fn, inputs, flops, tokens=0, clip_grad=0.0, optimizer=None,
+            **extra):
+        if group not in args.rows:
+            return
+        for mode in modes:
+            opt = optimizer or train.make_optimizer(model, 1e-4, 0.05, 0.95)
+            target = torch.compile(model) if mode == "compiled" else model
+            step = speed_step(target, loss_fn, opt, device, precision, clip_grad)
+            speed_memory_reset(device)
+            c0 = time.perf_counter()
+            step(inputs())  # the first step (compiles when compiled) is timed on its own
+            speed_sync(device)
+            first = time.perf_counter() - c0
+            t = bench_time(lambda: step(inputs()), args.steps, max(args.warmup - 1, 0), device)
+            row = speed_row(name, unit, batch, t, flops, peak, speed_memory_peak(device), tokens, mode,
+                            first_step_s=first, **extra)
+            rows.append(row)
+            speed_log(t0, f"{name} [{mode}]: {speed_num(row['per_s'])} {unit}/s, "
+                          f"{speed_num(1e3 * t['median'])} ms/step ({speed_num(row['gflops'])} GFLOP/s)")
+
+    # MAE pretraining at three mask ratios (the preset's decoder, norm_pix_loss, masking kind)
+    B = st["mae_batch"]
+    video = speed_video(B, enc, device)
+    for ratio in (0.0, 0.75, 0.9):
+        mae = models.VideoMAE(cfg.model).to(device)
+        ids_keep, _, _ = mae.masking(B, ratio, torch.Generator().manual_seed(0), "cpu")
+        kept = st["L"] if ids_keep is None else ids_keep.shape[1]
+        counter = iter(range(10 ** 9))
+        run("mae", f"MAE pretraining, mask {ratio:g}", "clips", B, mae,
+            lambda m, v, r=ratio: m(v, mask_ratio=r,
+                                    generator=train.step_generator(cfg.seed, next(counter), device))[0],
+            lambda: video, 3 * speed_mae_flops(cfg.model, B, kept), st["L"], kept_tokens=kept)
+    # classifier fine-tuning: the preset's drop path, mixup / label smoothing as train.py applies them
+    ft = cfg.finetune
+    n_cls = 100
+    Bc = st["cls_batch"]
+    clf = models.Classifier(dataclasses.replace(enc, drop_path=ft.drop_path), n_cls, ft.head_dropout).to(device)
+    cvideo = speed_video(Bc, enc, device, seed=1)
+    labels = torch.arange(Bc, device=device) % n_cls
+    counter_c = iter(range(10 ** 9))
+
+    def clf_loss(m, batch):
+        v, target = data.mixup_cutmix(batch, labels, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob, ft.label_smoothing,
+                                      train.step_generator(cfg.seed, next(counter_c), device))
+        return torch.sum(-target * F.log_softmax(m(v).float(), dim=-1), dim=-1).mean()
+    run("classifier", "classifier fine-tuning", "clips", Bc, clf, clf_loss, lambda: cvideo,
+        3 * (speed_vit_flops(enc, Bc, st["L"]) + 2.0 * Bc * enc.width * n_cls), st["L"])
+    # the encoder alone against timm-style blocks at identical width, depth, heads, tokens, batch
+    enc_flops = 3 * speed_vit_flops(enc, B, st["L"])
+    plain = dataclasses.replace(enc, spt=False, lsa=False)
+    encoders = [(f"encoder, ours ({speed_features(enc)})", models.VideoViT(enc), enc_flops)]
+    if enc.spt or enc.lsa:
+        encoders.append(("encoder, ours (plain: no SPT, no LSA)", models.VideoViT(plain),
+                         3 * speed_vit_flops(plain, B, st["L"])))
+    encoders.append(("encoder, timm-style reference", TimmStyleEncoder(enc), 3 * speed_vit_flops(plain, B, st["L"])))
+    if enc.spt and enc.lsa and enc.attention == "joint" and not enc.cls_token:
+        encoders.append(("encoder, SPT + LSA written out as their published code", WrittenOutSPTEncoder(enc),
+                         enc_flops))
+    for name, model, flops in encoders:
+        run("encoder", name, "clips", B, model.to(device), lambda m, v: m(v).float().square().mean(),
+            lambda: video, flops, st["L"],
+            reference="timm" if "timm" in name else "spt_lsa" if "published" in name else None)
+    # MANN meta-training: episodes sampled as train.py samples them, cached embeddings or a trained backbone
+    mc = cfg.meta
+    n_classes, per_class = max(2 * mc.n_way, 20), max(20, mc.k_shot + mc.n_query, mc.seq_shots)
+    sampler = data.EpisodeSampler([c for c in range(n_classes) for _ in range(per_class)],
+                                  np.arange(n_classes * per_class), list(range(n_classes)), mc.n_way, mc.k_shot,
+                                  mc.n_query, mc.layout, mc.seq_shots)
+    S = st["S"]
+    for e2e in (False, True):
+        backbone = models.build_backbone("mae", enc).to(device)
+        model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way)).to(device)
+        episodes = st["e2e_episodes"] if e2e else st["episodes"]
+        g = torch.Generator().manual_seed(0)
+        if e2e:
+            clips = speed_video(episodes * S, enc, device, seed=2)
+            params = [{"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")]},
+                      {"params": list(backbone.parameters()), "lr": mc.backbone_lr}]
+        else:
+            for p in backbone.parameters():
+                p.requires_grad_(False)
+            emb = torch.randn(n_classes * per_class, backbone.out_dim, generator=g).to(device)
+            params = [p for p in model.parameters() if p.requires_grad]
+
+        def mann_loss(m, _, e2e=e2e, episodes=episodes):
+            ep = train.move_episode(sampler.sample(episodes, g), device)
+            x = m.backbone(clips).float().view(episodes, S, -1) if e2e else emb[ep.clips]  # (B, S, D)
+            return train.episode_loss(m, x, ep)[0]
+        flops = 3 * speed_mann_flops(cfg.mann, backbone.out_dim, mc.n_way, episodes, S)
+        if e2e:
+            flops += 3 * speed_vit_flops(enc, episodes * S, st["L"])
+        name = "MANN meta-training, " + ("end to end (backbone trained)" if e2e else "cached embeddings")
+        run("mann", name, "episodes", episodes, model, mann_loss, lambda: None, flops, S * st["L"] if e2e else 0,
+            mc.clip_grad, torch.optim.AdamW(params, lr=mc.lr), clips_per_step=episodes * S)
+        del model, backbone
+    return rows
+
+
+def speed_features(enc: stmeta.ViTConfig) -> str:
+    parts = [n for n, on in (("SPT", enc.spt), ("LSA", enc.lsa)) if on]
+    return " + ".join(parts) + ", as the preset" if parts else "as the preset"
+
+
+def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: dict, args, rows: list[dict],
+                  t0: float) -> list[dict]:
+    """Clips/s from the cache through ClipDataset with the default augmentation and
+    DataLoader workers (train.loader), against the step that consumes them; and the MAE step
+    fed by that loader, against the same step on a tensor already in memory."""
+    import train
+    enc = cfg.model.encoder
+    tmp = None
+    if args.data:
+        cache = data.ClipCache(args.data)
+        source = args.data
+    else:  # a small synthetic cache shaped as train.py's default one (64 px or the model's size)
+        tmp = tempfile.TemporaryDirectory(prefix="stmeta-speed-")
+        frames = max(32, enc.num_frames * cfg.data.sampling_rate)
+        size = 64 if enc.img_size <= 64 else enc.img_size
+        data.build_synthetic(tmp.name, n_classes=8, clips_per_class=8, frames=frames, size=size, seed=0, workers=1,
+                             verbose=False)
+        cache = data.ClipCache(tmp.name)
+        source = f"synthetic, 64 clips of {frames} frames at {size} px (temporary)"
+    speed_log(t0, f"data: {source}")
+    out = []
+    consumers = {r["workload"]: r for r in rows if r["mode"] == "eager"}
+    mae_name = f"MAE pretraining, mask {cfg.model.mask_ratio:g}"
+    kinds = [("pretraining (crop, flip)", st["mae_batch"], dict(), consumers.get(mae_name)),
+             ("fine-tuning (crop, flip" + (f", RandAugment {cfg.data.rand_augment}" if cfg.data.rand_augment else "")
+              + (f", random erase {cfg.data.random_erase:g}" if cfg.data.random_erase else "") + ")",
+              st["cls_batch"], dict(rand_augment=cfg.data.rand_augment, random_erase=cfg.data.random_erase),
+              consumers.get("classifier fine-tuning"))]
+    n_batches = max(4, args.steps * 2)
+    all_idx = np.arange(len(cache.labels))
+    for name, batch, aug, consumer in kinds:
+        ds = data.ClipDataset(cache, all_idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
+                              size=enc.img_size, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
+                              seed=cfg.seed, **aug)
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, len(ds), (batch,), generator=g).tolist() for _ in range(n_batches + 1)]
+        speed_memory_reset(device)
+        c0 = time.perf_counter()
+        it = iter(train.loader(ds, batches, cfg, device))
+        next(it)[0].to(device, non_blocking=True)
+        startup = time.perf_counter() - c0
+        c1 = time.perf_counter()
+        for video, _ in it:
+            video.to(device, non_blocking=True)
+        speed_sync(device)
+        rate = n_batches * batch / (time.perf_counter() - c1)
+        row = {"loader": name, "workers": cfg.data.workers, "batch": batch, "clips_per_s": rate,
+               "startup_s": startup, "peak_memory": speed_memory_peak(device), "data": source,
+               "consumer": consumer["workload"] if consumer else None,
+               "consumer_clips_per_s": consumer["per_s"] if consumer else None,
+               "ratio": rate / consumer["per_s"] if consumer else None}
+        out.append(row)
+        speed_log(t0, f"loader, {name}: {speed_num(rate)} clips/s with {cfg.data.workers} workers"
+                      + (f" ({speed_num(row['ratio'])}x what '{row['consumer']}' consumes)" if consumer else ""))
+    # stage 3 end to end: train.py's features() loads each step's clips in the main process
+    e2e = consumers.get("MANN meta-training, end to end (backbone trained)")
+    ds = data.ClipDataset(cache, all_idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
+                          size=enc.img_size, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
+                          seed=cfg.seed)
+    n = st["e2e_episodes"] * st["S"]
+    idx = torch.randint(0, len(ds), (n,), generator=torch.Generator().manual_seed(2)).tolist()
+    speed_memory_reset(device)
+    c0 = time.perf_counter()
+    torch.stack([ds[i][0] for i in idx]).to(device, non_blocking=True)
+    speed_sync(device)
+    rate = n / (time.perf_counter() - c0)
+    e2e_rate = e2e["per_s"] * st["S"] if e2e else None
+    out.append({"loader": "stage 3 end to end: clips loaded in the main process (train.py's features())",
+                "workers": 0, "batch": n, "clips_per_s": rate, "startup_s": None,
+                "peak_memory": speed_memory_peak(device), "data": source,
+                "consumer": e2e["workload"] if e2e else None, "consumer_clips_per_s": e2e_rate,
+                "ratio": rate / e2e_rate if e2e else None})
+    speed_log(t0, f"stage 3 end to end, clips loaded in the main process: {speed_num(rate)} clips/s"
+                  + (f" ({speed_num(rate / e2e_rate)}x what the step consumes)" if e2e else ""))
+    # the MAE step at the preset's mask ratio, fed by the loader (workers share the CPU with it)
+    B = st["mae_batch"]
+    ds = data.ClipDataset(cache, all_idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
+                          size=enc.img_size, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
+                          seed=cfg.seed)
+    g = torch.Generator().manual_seed(1)
+    warm = max(args.warmup, 1)
+    fed_steps = max(args.steps, 10)  # more than the loader prefetches (2 batches per worker by default, 4 here)
+    batches = [torch.randint(0, len(ds), (B,), generator=g).tolist() for _ in range(fed_steps + warm)]
+    mae = models.VideoMAE(cfg.model).to(device)
+    step = speed_step(mae, lambda m, v: m(v)[0], train.make_optimizer(mae, 1e-4, 0.05, 0.95), device, precision)
+    speed_memory_reset(device)
+    it = iter(train.loader(ds, batches, cfg, device))
+    for _ in range(warm):
+        step(next(it)[0].to(device, non_blocking=True))
+    speed_sync(device)
+    c0 = time.perf_counter()
+    for video, _ in it:
+        step(video.to(device, non_blocking=True))
+    speed_sync(device)
+    fed = fed_steps * B / (time.perf_counter() - c0)
+    alone = consumers.get(mae_name)
+    out.append({"loader": f"{mae_name}, fed by the loader", "workers": cfg.data.workers, "batch": B,
+                "clips_per_s": fed, "startup_s": None, "peak_memory": speed_memory_peak(device), "data": source,
+                "consumer": mae_name, "consumer_clips_per_s": alone["per_s"] if alone else None,
+                "ratio": fed / alone["per_s"] if alone else None})
+    speed_log(t0, f"{mae_name} fed by the loader: {speed_num(fed)} clips/s"
+                  + (f" ({fed / alone['per_s']:.2f}x the step on a tensor in memory)" if alone else ""))
+    if tmp is not None:
+        tmp.cleanup()
+    return out
+
+
+def speed_num(x: float) -> str:
+    """3 significant digits, without exponents: 0.512, 13.3, 455, 2,097."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def speed_fmt_time(t: dict) -> str:
+    return f"{speed_num(1e3 * t['median'])} [{speed_num(1e3 * t['min'])}–{speed_num(1e3 * t['max'])}]"
+
+
+def speed_fmt_bytes(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def speed_markdown(res: dict) -> str:
+    h = res["header"]
+    lines = [f"Device: {h['device']} ({h['device_name']}); {h['threads']}; precision {h['precision']}; preset "
+             f"`{h['preset']}`; PyTorch {h['torch']}; {h['date']}.",
+             f"Each time: median [min–max] of {h['steps']} timed steps after {h['warmup']} warm-up steps. "
+             f"Inputs are random tensors already on the device. FLOPs are counted from the config (matrix products; "
+             f"backward = 2x forward) against a matrix-product peak of {h['peak_gflops']:.4g} GFLOP/s measured in "
+             f"this run ({h['peak_what']}). Peak memory: {h['memory_kind']}. The run took {h['wall_s']:.0f} s; the "
+             f"1-minute load average was {h['load_average'][0]:.1f} at its start and {h['load_average'][1]:.1f} at "
+             f"its end (this run included) on {os.cpu_count()} logical cores"
+             + (": other processes were using the CPU when it started, so times are inflated (ratios less so)."
+                if h["load_average"][0] > 0.5 * (os.cpu_count() or 1) else "."), "",
+             "| training step | mode | batch | per second | tokens/s | ms/step | GFLOP/step | GFLOP/s | % of peak "
+             "| peak memory |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in res["training"]:
+        toks = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
+        lines.append(f"| {r['workload']} | {r['mode']} | {r['batch']} | {speed_num(r['per_s'])} {r['unit']} | {toks} | "
+                     f"{speed_fmt_time(r['time'])} | {speed_num(r['gflop_per_step'])} | {speed_num(r['gflops'])} | "
+                     f"{100 * r['peak_fraction']:.0f}% | {speed_fmt_bytes(r['peak_memory'])} |")
+    lines += ["", "| encoder training step | mode | clips/s | vs timm-style | vs SPT + LSA written out |",
+              "|---|---|--:|--:|--:|"]
+    for c in res["comparison"]:
+        lines.append(f"| {c['workload']} | {c['mode']} | {speed_num(c['per_s'])} | "
+                     + " | ".join("—" if c[k] is None else f"{c[k]:.2f}x" for k in ("ratio", "ratio_spt_lsa")) + " |")
+    lines += ["", "| attention, forward + backward | shape (B, nh, L, hs) | kernel | ms | vs written out "
+              "| peak memory |",
+              "|---|---|---|--:|--:|--:|"]
+    for a in res["attention"]:
+        lines.append(f"| {a['variant']} | {a['shape']} {a['dtype']} | {a['kernel']} | {speed_fmt_time(a['time'])} | "
+                     f"{a['speedup']:.2f}x | {speed_fmt_bytes(a['peak_memory'])} |")
+    lines += ["", "| data loading | workers | batch | clips/s | start-up s | consumer | consumer clips/s | ratio |",
+              "|---|--:|--:|--:|--:|---|--:|--:|"]
+    for d in res["loading"]:
+        lines.append(f"| {d['loader']} | {d['workers']} | {d['batch']} | {speed_num(d['clips_per_s'])} | "
+                     f"{'—' if d['startup_s'] is None else format(d['startup_s'], '.2f')} | "
+                     f"{d['consumer'] or '—'} | "
+                     f"{'—' if d['consumer_clips_per_s'] is None else speed_num(d['consumer_clips_per_s'])} | "
+                     f"{'—' if d['ratio'] is None else speed_num(d['ratio']) + 'x'} |")
+    lines += ["", "Targets:"] + [f"- {t}" for t in res["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def speed_targets(res: dict) -> list[str]:
+    eager = {r["workload"]: r for r in res["training"] if r["mode"] == "eager"}
+    out = []
+    r0, r9 = eager.get("MAE pretraining, mask 0"), eager.get("MAE pretraining, mask 0.9")
+    if r0 and r9:
+        frac = r9["time"]["median"] / r0["time"]["median"]
+        out.append(f"MAE step time per clip at mask 0.9 / at mask 0: {frac:.2f} (target on the paper preset at "
+                   f"most 0.33: {'met' if frac <= 1 / 3 else 'not met'} here)")
+    for c in res["comparison"]:
+        if c["workload"].startswith("encoder, ours") and c["ratio"] is not None:
+            out.append(f"{c['workload']} [{c['mode']}] vs timm-style blocks: {c['ratio']:.2f}x (target at least "
+                       f"1.0x, goal 1.5x)" + ("" if c["ratio_spt_lsa"] is None else
+                                              f"; vs SPT + LSA written out: {c['ratio_spt_lsa']:.2f}x"))
+    for d in res["loading"]:
+        if d["ratio"] is not None and "fed by" not in d["loader"]:
+            out.append(f"loader, {d['loader']}: {speed_num(d['ratio'])}x the clips/s {d['consumer']} consumes "
+                       f"(target: several x)")
+        elif d["ratio"] is not None:
+            out.append(f"{d['loader']}: {d['ratio']:.2f}x the clips/s of the step on a tensor in memory "
+                       f"(1.0x: the step never waits for the loader)")
+    return out
+
+
+def cmd_speed(args) -> dict:
+    t0 = time.perf_counter()
+    args.rows = [r.strip() for r in args.rows.split(",")]
+    unknown = sorted(set(args.rows) - set(SPEED_ROWS))
+    if unknown:
+        raise SystemExit(f"--rows {','.join(unknown)}: unknown; choose from {','.join(SPEED_ROWS)}")
+    device = stmeta.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import train
+    targs, overrides = train.parse_args(["--stage", "2"] + (["--preset", args.preset] if args.preset else []))
+    cfg = train.resolve_config(targs, overrides, device)  # the defaults training runs with (Table 2's random erase)
+    if args.workers is not None:
+        cfg.data.workers = args.workers
+    precision = stmeta.resolve_precision(args.precision, device)
+    if device.type == "cuda":  # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    stmeta.seed_everything(0)
+    st = speed_settings(cfg, device, args)
+    threads = (f"{torch.get_num_threads()} intra-op threads" if device.type == "cpu"
+               else f"{torch.get_num_threads()} CPU threads")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header = {"device": str(device), "device_name": speed_device_name(device), "threads": threads,
+              "precision": precision, "preset": cfg.preset, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
+              "compile": bool(args.compile), "settings": st,
+              "memory_kind": "CUDA allocator peak per row" if device.type == "cuda" else
+              "peak resident set size (RSS) of the process, reset before each row"}
+    speed_log(t0, f"{header['device_name']} | {threads} | {precision} | preset {cfg.preset} | torch {torch.__version__}"
+                  f" | batches: MAE {st['mae_batch']}, classifier {st['cls_batch']}, episodes {st['episodes']}"
+                  f" (end to end {st['e2e_episodes']}) of {st['S']} steps")
+    peak, what = speed_matmul_peak(device, precision, args.steps)
+    header.update(peak_gflops=peak / 1e9, peak_what=what)
+    speed_log(t0, f"matmul peak: {peak / 1e9:.4g} GFLOP/s ({what})")
+    res = {"header": header}
+    res["training"] = bench_training(cfg, device, precision, st, args, peak, t0)
+    res["comparison"] = []
+    for mode in ("eager", "compiled"):
+        encs = [r for r in res["training"] if r["mode"] == mode and r["workload"].startswith("encoder")]
+        timm_ref = next((r for r in encs if r.get("reference") == "timm"), None)
+        lee_ref = next((r for r in encs if r.get("reference") == "spt_lsa"), None)
+        for r in encs:
+            res["comparison"].append({"workload": r["workload"], "mode": mode, "per_s": r["per_s"],
+                                      "ratio": r["per_s"] / timm_ref["per_s"] if timm_ref else None,
+                                      "ratio_spt_lsa": r["per_s"] / lee_ref["per_s"] if lee_ref else None})
+    res["attention"] = [] if "attention" not in args.rows else \
+        bench_attention(cfg.model.encoder, st["mae_batch"], device, precision, args.steps, args.warmup)
+    for a in res["attention"]:
+        speed_log(t0, f"attention, {a['variant']} [{a['kernel']}]: {speed_num(1e3 * a['time']['median'])} ms "
+                      f"({a['speedup']:.2f}x the written-out one)")
+    res["loading"] = [] if "loading" not in args.rows else \
+        bench_loading(cfg, device, precision, st, args, res["training"], t0)
+    res["targets"] = speed_targets(res)
+    header["wall_s"] = time.perf_counter() - t0
+    header["load_average"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")]
+    text = speed_markdown(res)
+    print("\n" + text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=float)
+        print(f"wrote {args.json}")
+    if args.md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write(f"## Speed\n\n`{speed_command(args, cfg.preset)}`\n\n{text}")
+        print(f"wrote {args.md}")
+    return res
+
+
+def speed_command(args, preset: str) -> str:
+    """The command line that reproduces this benchmark."""
+    parts = ["python eval.py speed", f"--device {args.device}", f"--preset {preset}"]
+    parts += [f"--precision {args.precision}"] if args.precision != "auto" else []
+    parts += [f"--steps {args.steps}", f"--warmup {args.warmup}"]
+    parts += [f"--batch {args.batch}"] if args.batch else []
+    parts += [f"--workers {args.workers}"] if args.workers is not None else []
+    parts += [f"--threads {args.threads}"] if args.threads else []
+    parts += [f"--data {args.data}"] if args.data else []
+    parts += ["--compile"] if args.compile else []
+    parts += [f"--rows {','.join(args.rows)}"] if list(args.rows) != list(SPEED_ROWS) else []
+    return " ".join(parts)
+
+
+def speed_add_parser(sub) -> None:
+    sp = sub.add_parser("speed", help="benchmark of every hot path: training steps (clips/s, FLOP/s against the "
+                                      "matmul peak), attention kernels, data loading, peak memory, eager vs compile")
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    sp.add_argument("--preset", default=None, choices=sorted(stmeta.PRESETS),
+                    help="model and batch sizes (default as train.py: paper on CUDA, cpu elsewhere)")
+    sp.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                    help="auto = bf16 autocast on a CUDA GPU that supports it, fp32 otherwise (as train.py)")
+    sp.add_argument("--steps", type=int, default=5, help="timed steps per row (default 5); the median is reported")
+    sp.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    sp.add_argument("--batch", type=int, default=0, help="clips per step for the MAE, encoder and classifier rows "
+                                                         "(default: the preset's batch sizes)")
+    sp.add_argument("--workers", type=int, default=None, help="data loader workers (default: the preset's)")
+    sp.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one per core)")
+    sp.add_argument("--data", default=None, help="clip cache for the loading rows (default: a small synthetic "
+                                                 "cache in a temporary folder)")
+    sp.add_argument("--compile", action="store_true", help="also time every training step under torch.compile")
+    sp.add_argument("--rows", default=",".join(SPEED_ROWS),
+                    help=f"which parts to run, comma-separated (default all: {','.join(SPEED_ROWS)})")
+    sp.add_argument("--json", default=None, help="write every number to this JSON file")
+    sp.add_argument("--md", default=None, help="write the markdown tables to this file")
+
+
+# -----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,13 +1382,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="latent embedding of every clip to .npy, with labels in a .json")
     common(sp)
     sp.add_argument("--out", default=None, help="output .npy (default <run>/latents.npy)")
+    speed_add_parser(sub)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {"recon": cmd_recon, "classify": cmd_classify, "fewshot": cmd_fewshot, "ablation": cmd_ablation,
-                "export": cmd_export}
+                "export": cmd_export, "speed": cmd_speed}
     try:
         return handlers[args.cmd](args)
     except (stmeta.CheckpointError, ValueError) as e:
