@@ -1051,8 +1051,9 @@ def speed_features(enc: stmeta.ViTConfig) -> str:
 def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: dict, args, rows: list[dict],
                   t0: float) -> list[dict]:
     """Clips/s from the cache through ClipDataset with the default augmentation and
-    DataLoader workers (train.loader), against the step that consumes them; and the MAE step
-    fed by that loader, against the same step on a tensor already in memory."""
+    DataLoader workers (train.loader), against the step that consumes them (pretraining,
+    fine-tuning, end-to-end stage 3's per-step clips); and the MAE step fed by that loader,
+    against the same step on a tensor already in memory."""
     import train
     enc = cfg.model.encoder
     tmp = None
@@ -1071,19 +1072,29 @@ def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: 
     out = []
     consumers = {r["workload"]: r for r in rows if r["mode"] == "eager"}
     mae_name = f"MAE pretraining, mask {cfg.model.mask_ratio:g}"
-    kinds = [("pretraining (crop, flip)", st["mae_batch"], dict(), consumers.get(mae_name)),
-             ("fine-tuning (crop, flip" + (f", RandAugment {cfg.data.rand_augment}" if cfg.data.rand_augment else "")
-              + (f", random erase {cfg.data.random_erase:g}" if cfg.data.random_erase else "") + ")",
-              st["cls_batch"], dict(rand_augment=cfg.data.rand_augment, random_erase=cfg.data.random_erase),
-              consumers.get("classifier fine-tuning"))]
-    n_batches = max(4, args.steps * 2)
     all_idx = np.arange(len(cache.labels))
-    for name, batch, aug, consumer in kinds:
-        ds = data.ClipDataset(cache, all_idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
-                              size=enc.img_size, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
-                              seed=cfg.seed, **aug)
-        g = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, len(ds), (batch,), generator=g).tolist() for _ in range(n_batches + 1)]
+    n_batches = max(4, args.steps * 2)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=True,
+              scale_min=cfg.data.scale_min, hflip=cfg.data.hflip, seed=cfg.seed)
+    finetune_aug = dict(rand_augment=cfg.data.rand_augment, random_erase=cfg.data.random_erase)
+    e2e = consumers.get("MANN meta-training, end to end (backbone trained)")
+    n_e2e = st["e2e_episodes"] * st["S"]
+    kinds = [  # (name, dataset, batches of its keys, consumer, the consumer's clips/s)
+        ("pretraining (crop, flip)", data.ClipDataset(cache, all_idx, **kw),
+         [torch.randint(0, len(all_idx), (st["mae_batch"],), generator=g).tolist() for _ in range(n_batches + 1)],
+         consumers.get(mae_name), 1),
+        ("fine-tuning (crop, flip" + (f", RandAugment {cfg.data.rand_augment}" if cfg.data.rand_augment else "")
+         + (f", random erase {cfg.data.random_erase:g}" if cfg.data.random_erase else "") + ")",
+         data.ClipDataset(cache, all_idx, **kw, **finetune_aug),
+         [torch.randint(0, len(all_idx), (st["cls_batch"],), generator=g).tolist() for _ in range(n_batches + 1)],
+         consumers.get("classifier fine-tuning"), 1)]
+    if hasattr(train, "StepClips"):  # end-to-end stage 3: each step's episode clips, keyed (step, clip)
+        kinds.append((f"stage 3 end to end ({st['e2e_episodes']} episodes of {st['S']} clips a step)",
+                      train.StepClips(cache, all_idx, **kw),
+                      [[(s, i) for i in torch.randint(0, len(all_idx), (n_e2e,), generator=g).tolist()]
+                       for s in range(n_batches + 1)], e2e, st["S"]))
+    for name, ds, batches, consumer, clips_per_item in kinds:
         speed_memory_reset(device)
         c0 = time.perf_counter()
         it = iter(train.loader(ds, batches, cfg, device))
@@ -1093,43 +1104,21 @@ def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: 
         for video, _ in it:
             video.to(device, non_blocking=True)
         speed_sync(device)
-        rate = n_batches * batch / (time.perf_counter() - c1)
-        row = {"loader": name, "workers": cfg.data.workers, "batch": batch, "clips_per_s": rate,
+        rate = sum(len(b) for b in batches[1:]) / (time.perf_counter() - c1)
+        wants = consumer["per_s"] * clips_per_item if consumer else None
+        row = {"loader": name, "workers": cfg.data.workers, "batch": len(batches[0]), "clips_per_s": rate,
                "startup_s": startup, "peak_memory": speed_memory_peak(device), "data": source,
-               "consumer": consumer["workload"] if consumer else None,
-               "consumer_clips_per_s": consumer["per_s"] if consumer else None,
-               "ratio": rate / consumer["per_s"] if consumer else None}
+               "consumer": consumer["workload"] if consumer else None, "consumer_clips_per_s": wants,
+               "ratio": rate / wants if consumer else None}
         out.append(row)
         speed_log(t0, f"loader, {name}: {speed_num(rate)} clips/s with {cfg.data.workers} workers"
                       + (f" ({speed_num(row['ratio'])}x what '{row['consumer']}' consumes)" if consumer else ""))
-    # stage 3 end to end: train.py's features() loads each step's clips in the main process
-    e2e = consumers.get("MANN meta-training, end to end (backbone trained)")
-    ds = data.ClipDataset(cache, all_idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
-                          size=enc.img_size, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
-                          seed=cfg.seed)
-    n = st["e2e_episodes"] * st["S"]
-    idx = torch.randint(0, len(ds), (n,), generator=torch.Generator().manual_seed(2)).tolist()
-    speed_memory_reset(device)
-    c0 = time.perf_counter()
-    torch.stack([ds[i][0] for i in idx]).to(device, non_blocking=True)
-    speed_sync(device)
-    rate = n / (time.perf_counter() - c0)
-    e2e_rate = e2e["per_s"] * st["S"] if e2e else None
-    out.append({"loader": "stage 3 end to end: clips loaded in the main process (train.py's features())",
-                "workers": 0, "batch": n, "clips_per_s": rate, "startup_s": None,
-                "peak_memory": speed_memory_peak(device), "data": source,
-                "consumer": e2e["workload"] if e2e else None, "consumer_clips_per_s": e2e_rate,
-                "ratio": rate / e2e_rate if e2e else None})
-    speed_log(t0, f"stage 3 end to end, clips loaded in the main process: {speed_num(rate)} clips/s"
-                  + (f" ({speed_num(rate / e2e_rate)}x what the step consumes)" if e2e else ""))
     # the MAE step at the preset's mask ratio, fed by the loader (workers share the CPU with it)
     B = st["mae_batch"]
-    ds = data.ClipDataset(cache, all_idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
-                          size=enc.img_size, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
-                          seed=cfg.seed)
+    ds = data.ClipDataset(cache, all_idx, **kw)
     g = torch.Generator().manual_seed(1)
     warm = max(args.warmup, 1)
-    fed_steps = max(args.steps, 10)  # more than the loader prefetches (2 batches per worker by default, 4 here)
+    fed_steps = max(args.steps, 12 * max(cfg.data.workers, 1))  # 3x what train.loader prefetches (4 per worker)
     batches = [torch.randint(0, len(ds), (B,), generator=g).tolist() for _ in range(fed_steps + warm)]
     mae = models.VideoMAE(cfg.model).to(device)
     step = speed_step(mae, lambda m, v: m(v)[0], train.make_optimizer(mae, 1e-4, 0.05, 0.95), device, precision)
@@ -1179,35 +1168,38 @@ def speed_markdown(res: dict) -> str:
              f"1-minute load average was {h['load_average'][0]:.1f} at its start and {h['load_average'][1]:.1f} at "
              f"its end (this run included) on {os.cpu_count()} logical cores"
              + (": other processes were using the CPU when it started, so times are inflated (ratios less so)."
-                if h["load_average"][0] > 0.5 * (os.cpu_count() or 1) else "."), "",
-             "| training step | mode | batch | per second | tokens/s | ms/step | GFLOP/step | GFLOP/s | % of peak "
-             "| peak memory |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                if h["load_average"][0] > 0.5 * (os.cpu_count() or 1) else ".")]
+    if res["training"]:
+        lines += ["", "| training step | mode | batch | per second | tokens/s | ms/step | GFLOP/step | GFLOP/s "
+                      "| % of peak | peak memory |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in res["training"]:
         toks = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
         lines.append(f"| {r['workload']} | {r['mode']} | {r['batch']} | {speed_num(r['per_s'])} {r['unit']} | {toks} | "
                      f"{speed_fmt_time(r['time'])} | {speed_num(r['gflop_per_step'])} | {speed_num(r['gflops'])} | "
                      f"{100 * r['peak_fraction']:.0f}% | {speed_fmt_bytes(r['peak_memory'])} |")
-    lines += ["", "| encoder training step | mode | clips/s | vs timm-style | vs SPT + LSA written out |",
-              "|---|---|--:|--:|--:|"]
+    if res["comparison"]:
+        lines += ["", "| encoder training step | mode | clips/s | vs timm-style | vs SPT + LSA written out |",
+                  "|---|---|--:|--:|--:|"]
     for c in res["comparison"]:
         lines.append(f"| {c['workload']} | {c['mode']} | {speed_num(c['per_s'])} | "
                      + " | ".join("—" if c[k] is None else f"{c[k]:.2f}x" for k in ("ratio", "ratio_spt_lsa")) + " |")
-    lines += ["", "| attention, forward + backward | shape (B, nh, L, hs) | kernel | ms | vs written out "
-              "| peak memory |",
-              "|---|---|---|--:|--:|--:|"]
+    if res["attention"]:
+        lines += ["", "| attention, forward + backward | shape (B, nh, L, hs) | kernel | ms | vs written out "
+                      "| peak memory |", "|---|---|---|--:|--:|--:|"]
     for a in res["attention"]:
         lines.append(f"| {a['variant']} | {a['shape']} {a['dtype']} | {a['kernel']} | {speed_fmt_time(a['time'])} | "
                      f"{a['speedup']:.2f}x | {speed_fmt_bytes(a['peak_memory'])} |")
-    lines += ["", "| data loading | workers | batch | clips/s | start-up s | consumer | consumer clips/s | ratio |",
-              "|---|--:|--:|--:|--:|---|--:|--:|"]
+    if res["loading"]:
+        lines += ["", "| data loading | workers | batch | clips/s | start-up s | consumer | consumer clips/s | ratio |",
+                  "|---|--:|--:|--:|--:|---|--:|--:|"]
     for d in res["loading"]:
         lines.append(f"| {d['loader']} | {d['workers']} | {d['batch']} | {speed_num(d['clips_per_s'])} | "
                      f"{'—' if d['startup_s'] is None else format(d['startup_s'], '.2f')} | "
                      f"{d['consumer'] or '—'} | "
                      f"{'—' if d['consumer_clips_per_s'] is None else speed_num(d['consumer_clips_per_s'])} | "
                      f"{'—' if d['ratio'] is None else speed_num(d['ratio']) + 'x'} |")
-    lines += ["", "Targets:"] + [f"- {t}" for t in res["targets"]]
+    if res["targets"]:
+        lines += ["", "Targets:"] + [f"- {t}" for t in res["targets"]]
     return "\n".join(lines) + "\n"
 
 
