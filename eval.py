@@ -612,6 +612,10 @@ def bench_time(step, steps: int, warmup: int, device: torch.device) -> dict:
         step()
         speed_sync(device)
         times.append(time.perf_counter() - t0)
+    return speed_stats(times)
+
+
+def speed_stats(times: list[float]) -> dict:
     q1, median, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
     return {"median": median, "min": min(times), "max": max(times), "q1": q1, "q3": q3, "times": times}
 
@@ -945,38 +949,59 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
     rows = []
     modes = ["eager", "compiled"] if args.compile else ["eager"]
 
-    def run(group, name, unit, batch, model, loss_fn, inputs, flops, tokens=0, clip_grad=0.0, optimizer=None,
-            **extra):
+    def spec(name, unit, batch, model, loss_fn, inputs, flops, tokens=0, clip_grad=0.0, optimizer=None, **extra):
+        return dict(name=name, unit=unit, batch=batch, model=model, loss_fn=loss_fn, inputs=inputs, flops=flops,
+                    tokens=tokens, clip_grad=clip_grad, optimizer=optimizer, extra=extra)
+
+    def run(group: str, specs: list[dict]) -> None:
+        """Warm each step up (its first step, which compiles when compiled, timed on its own), then
+        take the timed steps of all specs in turn, so that a change in the machine's speed during
+        the run hits them alike: their ratios (mask ratios, encoder against references) hold."""
         if group not in args.rows:
             return
         for mode in modes:
-            opt = optimizer or train.make_optimizer(model, 1e-4, 0.05, 0.95)
-            target = torch.compile(model) if mode == "compiled" else model
-            step = speed_step(target, loss_fn, opt, device, precision, clip_grad)
-            speed_memory_reset(device)
-            c0 = time.perf_counter()
-            step(inputs())  # the first step (compiles when compiled) is timed on its own
-            speed_sync(device)
-            first = time.perf_counter() - c0
-            t = bench_time(lambda: step(inputs()), args.steps, max(args.warmup - 1, 0), device)
-            row = speed_row(name, unit, batch, t, flops, peak, speed_memory_peak(device), tokens, mode,
-                            first_step_s=first, **extra)
-            rows.append(row)
-            speed_log(t0, f"{name} [{mode}]: {speed_num(row['per_s'])} {unit}/s, "
-                          f"{speed_num(1e3 * t['median'])} ms/step ({speed_num(row['gflops'])} GFLOP/s)")
+            live = []
+            for sp in specs:
+                opt = sp["optimizer"] or train.make_optimizer(sp["model"], 1e-4, 0.05, 0.95)
+                target = torch.compile(sp["model"]) if mode == "compiled" else sp["model"]
+                step = speed_step(target, sp["loss_fn"], opt, device, precision, sp["clip_grad"])
+                speed_memory_reset(device)
+                c0 = time.perf_counter()
+                step(sp["inputs"]())
+                speed_sync(device)
+                first = time.perf_counter() - c0
+                for _ in range(max(args.warmup - 1, 0)):
+                    step(sp["inputs"]())
+                speed_sync(device)
+                live.append((sp, step, first, speed_memory_peak(device)))
+            times = [[] for _ in live]
+            for _ in range(args.steps):
+                for (sp, step, _, _), ts in zip(live, times):
+                    c0 = time.perf_counter()
+                    step(sp["inputs"]())
+                    speed_sync(device)
+                    ts.append(time.perf_counter() - c0)
+            for (sp, _, first, memory), ts in zip(live, times):
+                t = speed_stats(ts)
+                row = speed_row(sp["name"], sp["unit"], sp["batch"], t, sp["flops"], peak, memory, sp["tokens"], mode,
+                                first_step_s=first, **sp["extra"])
+                rows.append(row)
+                speed_log(t0, f"{sp['name']} [{mode}]: {speed_num(row['per_s'])} {sp['unit']}/s, "
+                              f"{speed_num(1e3 * t['median'])} ms/step ({speed_num(row['gflops'])} GFLOP/s)")
 
     # MAE pretraining at three mask ratios (the preset's decoder, norm_pix_loss, masking kind)
     B = st["mae_batch"]
     video = speed_video(B, enc, device)
+    specs = []
     for ratio in (0.0, 0.75, 0.9):
         mae = models.VideoMAE(cfg.model).to(device)
         ids_keep, _, _ = mae.masking(B, ratio, torch.Generator().manual_seed(0), "cpu")
         kept = st["L"] if ids_keep is None else ids_keep.shape[1]
-        counter = iter(range(10 ** 9))
-        run("mae", f"MAE pretraining, mask {ratio:g}", "clips", B, mae,
-            lambda m, v, r=ratio: m(v, mask_ratio=r,
-                                    generator=train.step_generator(cfg.seed, next(counter), device))[0],
-            lambda: video, 3 * speed_mae_flops(cfg.model, B, kept), st["L"], kept_tokens=kept)
+        specs.append(spec(f"MAE pretraining, mask {ratio:g}", "clips", B, mae,
+                          lambda m, v, r=ratio, n=iter(range(10 ** 9)): m(
+                              v, mask_ratio=r, generator=train.step_generator(cfg.seed, next(n), device))[0],
+                          lambda: video, 3 * speed_mae_flops(cfg.model, B, kept), st["L"], kept_tokens=kept))
+    run("mae", specs)
     # classifier fine-tuning: the preset's drop path, mixup / label smoothing as train.py applies them
     ft = cfg.finetune
     n_cls = 100
@@ -984,29 +1009,28 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
     clf = models.Classifier(dataclasses.replace(enc, drop_path=ft.drop_path), n_cls, ft.head_dropout).to(device)
     cvideo = speed_video(Bc, enc, device, seed=1)
     labels = torch.arange(Bc, device=device) % n_cls
-    counter_c = iter(range(10 ** 9))
+    counter = iter(range(10 ** 9))
 
     def clf_loss(m, batch):
         v, target = data.mixup_cutmix(batch, labels, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob, ft.label_smoothing,
-                                      train.step_generator(cfg.seed, next(counter_c), device))
+                                      train.step_generator(cfg.seed, next(counter), device))
         return torch.sum(-target * F.log_softmax(m(v).float(), dim=-1), dim=-1).mean()
-    run("classifier", "classifier fine-tuning", "clips", Bc, clf, clf_loss, lambda: cvideo,
-        3 * (speed_vit_flops(enc, Bc, st["L"]) + 2.0 * Bc * enc.width * n_cls), st["L"])
+    run("classifier", [spec("classifier fine-tuning", "clips", Bc, clf, clf_loss, lambda: cvideo,
+                            3 * (speed_vit_flops(enc, Bc, st["L"]) + 2.0 * Bc * enc.width * n_cls), st["L"])])
     # the encoder alone against timm-style blocks at identical width, depth, heads, tokens, batch
     enc_flops = 3 * speed_vit_flops(enc, B, st["L"])
     plain = dataclasses.replace(enc, spt=False, lsa=False)
-    encoders = [(f"encoder, ours ({speed_features(enc)})", models.VideoViT(enc), enc_flops)]
+    encoders = [(f"encoder, ours ({speed_features(enc)})", models.VideoViT(enc), enc_flops, None)]
     if enc.spt or enc.lsa:
         encoders.append(("encoder, ours (plain: no SPT, no LSA)", models.VideoViT(plain),
-                         3 * speed_vit_flops(plain, B, st["L"])))
-    encoders.append(("encoder, timm-style reference", TimmStyleEncoder(enc), 3 * speed_vit_flops(plain, B, st["L"])))
+                         3 * speed_vit_flops(plain, B, st["L"]), None))
+    encoders.append(("encoder, timm-style reference", TimmStyleEncoder(enc), 3 * speed_vit_flops(plain, B, st["L"]),
+                     "timm"))
     if enc.spt and enc.lsa and enc.attention == "joint" and not enc.cls_token:
         encoders.append(("encoder, SPT + LSA written out as their published code", WrittenOutSPTEncoder(enc),
-                         enc_flops))
-    for name, model, flops in encoders:
-        run("encoder", name, "clips", B, model.to(device), lambda m, v: m(v).float().square().mean(),
-            lambda: video, flops, st["L"],
-            reference="timm" if "timm" in name else "spt_lsa" if "published" in name else None)
+                         enc_flops, "spt_lsa"))
+    run("encoder", [spec(name, "clips", B, model.to(device), lambda m, v: m(v).float().square().mean(),
+                         lambda: video, flops, st["L"], reference=ref) for name, model, flops, ref in encoders])
     # MANN meta-training: episodes sampled as train.py samples them, cached embeddings or a trained backbone
     mc = cfg.meta
     n_classes, per_class = max(2 * mc.n_way, 20), max(20, mc.k_shot + mc.n_query, mc.seq_shots)
@@ -1020,25 +1044,25 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
         episodes = st["e2e_episodes"] if e2e else st["episodes"]
         g = torch.Generator().manual_seed(0)
         if e2e:
-            clips = speed_video(episodes * S, enc, device, seed=2)
+            table = speed_video(episodes * S, enc, device, seed=2)  # the step's clips
             params = [{"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")]},
                       {"params": list(backbone.parameters()), "lr": mc.backbone_lr}]
         else:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
-            emb = torch.randn(n_classes * per_class, backbone.out_dim, generator=g).to(device)
+            backbone.requires_grad_(False)
+            table = torch.randn(n_classes * per_class, backbone.out_dim, generator=g).to(device)  # embeddings
             params = [p for p in model.parameters() if p.requires_grad]
 
-        def mann_loss(m, _, e2e=e2e, episodes=episodes):
+        def mann_loss(m, _, e2e=e2e, episodes=episodes, g=g, table=table):
             ep = train.move_episode(sampler.sample(episodes, g), device)
-            x = m.backbone(clips).float().view(episodes, S, -1) if e2e else emb[ep.clips]  # (B, S, D)
+            x = m.backbone(table).float().view(episodes, S, -1) if e2e else table[ep.clips]  # (B, S, D)
             return train.episode_loss(m, x, ep)[0]
         flops = 3 * speed_mann_flops(cfg.mann, backbone.out_dim, mc.n_way, episodes, S)
         if e2e:
             flops += 3 * speed_vit_flops(enc, episodes * S, st["L"])
         name = "MANN meta-training, " + ("end to end (backbone trained)" if e2e else "cached embeddings")
-        run("mann", name, "episodes", episodes, model, mann_loss, lambda: None, flops, S * st["L"] if e2e else 0,
-            mc.clip_grad, torch.optim.AdamW(params, lr=mc.lr), clips_per_step=episodes * S)
+        run("mann", [spec(name, "episodes", episodes, model, mann_loss, lambda: None, flops,
+                          S * st["L"] if e2e else 0, mc.clip_grad, torch.optim.AdamW(params, lr=mc.lr),
+                          clips_per_step=episodes * S)])
         del model, backbone
     return rows
 
