@@ -1011,9 +1011,11 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
     labels = torch.arange(Bc, device=device) % n_cls
     counter = iter(range(10 ** 9))
 
+    # mixup draws only scalars (whether, which, lambda, the box): from a CPU generator, which never waits for
+    # the GPU (a CUDA generator cannot make torch.rand((), ...) on the CPU, and .item() would sync)
     def clf_loss(m, batch):
         v, target = data.mixup_cutmix(batch, labels, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob, ft.label_smoothing,
-                                      train.step_generator(cfg.seed, next(counter), device))
+                                      train.step_generator(cfg.seed, next(counter), torch.device("cpu")))
         return torch.sum(-target * F.log_softmax(m(v).float(), dim=-1), dim=-1).mean()
     run("classifier", [spec("classifier fine-tuning", "clips", Bc, clf, clf_loss, lambda: cvideo,
                             3 * (speed_vit_flops(enc, Bc, st["L"]) + 2.0 * Bc * enc.width * n_cls), st["L"])])
