@@ -205,7 +205,11 @@ def cmd_recon(args) -> dict:
             start = build_model(start_ck, stmeta.config_from_dict(stmeta.Config, start_ck["config"]))
             start_name = f"start ({os.path.basename(init)})"
         else:
-            m_cfg, state, _ = models.load_published(init, start_ck)
+            enc = cfg.model.encoder  # the published model at this run's clip size, as train.py built it
+            m_cfg, state, _ = models.load_published(init, start_ck, img_size=enc.img_size,
+                                                    num_frames=enc.num_frames, num_heads=enc.num_heads,
+                                                    decoder_heads=cfg.model.decoder_heads)
+            torch.manual_seed(cfg.seed)  # tensors the file lacks start where training started them
             start = models.VideoMAE(m_cfg)
             start.load_state_dict(state, strict=False)
             start_name = f"start (published {os.path.basename(init)})"
@@ -353,7 +357,7 @@ def ncm_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
     return torch.einsum("bsd,bnd->bsn", z, F.normalize(means, dim=-1)).argmax(-1)
 
 
-def logreg_predict(emb: torch.Tensor, ep, n_way: int, steps: int = 100, wd: float = 1e-3) -> torch.Tensor:
+def logreg_predict(emb: torch.Tensor, ep, n_way: int, steps: int = 100, wd: float = 1e-2) -> torch.Tensor:
     """Multinomial logistic regression fitted by L-BFGS on each episode's support set, all
     episodes at once (a block-diagonal problem). emb (B, S, D) -> predictions (B, S)."""
     z = F.normalize(emb, dim=-1)
@@ -367,13 +371,14 @@ def logreg_predict(emb: torch.Tensor, ep, n_way: int, steps: int = 100, wd: floa
     def closure():
         opt.zero_grad()
         logits = scale * torch.bmm(z, W) + b  # (B, S, n)
-        loss = F.cross_entropy(logits[support], ep.target[support], reduction="sum") / B + wd * (W * W).sum()
+        # the sum over episodes of each episode's own penalised loss, so wd means the same for any B
+        loss = (F.cross_entropy(logits[support], ep.target[support], reduction="sum") + wd * (W * W).sum()) / B
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return (torch.bmm(z, W) + b).argmax(-1).detach()
+    return (scale * torch.bmm(z, W) + b).argmax(-1).detach()
 
 
 def episode_accuracy(pred: torch.Tensor, ep) -> torch.Tensor:
@@ -440,7 +445,9 @@ def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: 
             methods=("mann", "ncm", "logreg"), data_dir: str | None = None) -> dict:
     """Score a stage-3 run on fixed held-out episodes and write its report section. Called by
     train.py at the end of stage 3 and by `python eval.py fewshot`."""
-    ck, cfg, folder = load_run(run, ("mann",))
+    # last.pt, not best.pt: best.pt was chosen on validation episodes of these same held-out
+    # classes, and scoring it on them would flatter it
+    ck, cfg, folder = load_run(run, ("mann",), prefer="last.pt")
     dev = stmeta.pick_device(device, verbose=False)
     cache = cache or open_cache(ck, data_dir)
     model = build_model(ck, cfg).to(dev)
@@ -455,7 +462,8 @@ def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: 
     body = [f"## Few-shot on held-out classes (eval.py fewshot)\n",
             f"{mc.n_way}-way episodes from the {len(cache.classes_in('meta_test'))} meta-test classes, "
             f"{episodes} fixed episodes per setting (seed {EPISODE_SEED}), {mc.n_query} query per class, "
-            f"mean accuracy +- 95% CI. The MANN was meta-trained on {mc.k_shot}-shot `{mc.layout}` episodes; "
+            f"mean accuracy +- 95% CI, scored with the final checkpoint (last.pt). The MANN was meta-trained "
+            f"on {mc.k_shot}-shot `{mc.layout}` episodes; "
             f"the baselines are fitted on each episode's support set. Chance: {100 / mc.n_way:.0f}%.\n",
             "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---|" + "---|" * len(shots)]
     for m in methods:
@@ -491,7 +499,7 @@ def cmd_fewshot(args) -> dict:
 
 
 def cmd_ablation(args) -> dict:
-    both_ck, both_cfg, folder = load_run(args.both, ("mann",))
+    both_ck, both_cfg, folder = load_run(args.both, ("mann",), prefer="last.pt")  # see fewshot()
     dev = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(both_ck, args.data)
     episodes = args.episodes or both_cfg.meta.test_episodes
@@ -503,7 +511,7 @@ def cmd_ablation(args) -> dict:
     arms.append(("representation only: MAE encoder + nearest class mean", res_both["ncm"]))
     arms.append(("representation only: MAE encoder + logistic regression", res_both["logreg"]))
     if args.meta_only:
-        mo_ck, mo_cfg, _ = load_run(args.meta_only, ("mann",))
+        mo_ck, mo_cfg, _ = load_run(args.meta_only, ("mann",), prefer="last.pt")
         if mo_cfg.meta.n_way != both_cfg.meta.n_way:
             raise SystemExit(f"--meta-only run is {mo_cfg.meta.n_way}-way, --both is {both_cfg.meta.n_way}-way")
         meta_only = build_model(mo_ck, mo_cfg).to(dev)
@@ -511,7 +519,7 @@ def cmd_ablation(args) -> dict:
         res_mo = evaluate_methods(meta_only, emb_mo, cache, mo_cfg, args.shots, episodes, ("mann",))
         arms.insert(0, (f"meta-learning only: ViT from scratch ({mo_cfg.meta.backbone}) + MANN", res_mo["mann"]))
     for extra in args.extra or []:
-        ex_ck, ex_cfg, _ = load_run(extra, ("mann",))
+        ex_ck, ex_cfg, _ = load_run(extra, ("mann",), prefer="last.pt")
         ex = build_model(ex_ck, ex_cfg).to(dev)
         res_ex = evaluate_methods(ex, run_embeddings(ex, cache, ex_cfg, dev, pool), cache, ex_cfg, args.shots,
                                   episodes, ("mann",))
@@ -1370,7 +1378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, run=True):
         if run:
-            sp.add_argument("--run", required=True, help="run folder (uses best.pt, else last.pt) or a checkpoint")
+            sp.add_argument("--run", required=True, help="run folder or a checkpoint file; in a folder, fewshot and ablation use last.pt, "
+                                "the others best.pt (else last.pt)")
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
         sp.add_argument("--data", default=None, help="clip cache (default: the one the run trained on)")
 

@@ -315,7 +315,7 @@ def draw_curves(folder: str, title: str) -> str:
     if series:
         stmeta.line_chart(path, series, title=f"{title}: loss", xlabel="step", ylabel="loss")
     accs = {name: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
-            for key, name in (("train_acc", "train accuracy"), ("val_acc", "val top-1"), ("val_top5", "val top-5"))}
+            for key, name in (("train_acc", "train accuracy"), ("val_acc", "val accuracy"), ("val_top5", "val top-5"))}
     accs = {k: v for k, v in accs.items() if v[0]}
     if accs:
         stmeta.line_chart(os.path.join(folder, "accuracy.png"), accs, title=f"{title}: accuracy",
