@@ -7,7 +7,9 @@
     python eval.py ablation --both runs/stage3 --meta-only runs/stage3-scratch
                                                   meta-learning only vs representation only vs both
     python eval.py export   --run runs/stage3     latent embedding of every clip to .npy with its labels
-    python eval.py speed                          benchmark of every hot path (see `python eval.py speed --help`)
+    python eval.py speed --preset paper           benchmark of every hot path: training steps (clips/s, FLOP/s against
+                                                  the matmul peak, vs timm-style blocks), attention kernels, data
+                                                  loading, peak memory; --compile, --json FILE, --md FILE
 
 Every subcommand writes its tables and pictures into <run>/report.md (each subcommand owns one
 section, rewritten when it runs again). Evaluation episodes come from a fixed generator, so
@@ -508,8 +510,16 @@ def cmd_ablation(args) -> dict:
     both = build_model(both_ck, both_cfg).to(dev)
     emb_both = run_embeddings(both, cache, both_cfg, dev, pool)
     res_both = evaluate_methods(both, emb_both, cache, both_cfg, args.shots, episodes, ("mann", "ncm", "logreg"))
-    arms.append(("representation only: MAE encoder + nearest class mean", res_both["ncm"]))
-    arms.append(("representation only: MAE encoder + logistic regression", res_both["logreg"]))
+    # the encoder the MAE + MANN run used: MAE-pretrained, then (by default) classification-tuned
+    # on the meta-train classes; or whatever --pretrained gave it
+    if both_ck.get("init"):
+        enc_name = f"encoder of {os.path.basename(both_ck['init'])}"
+    elif both_cfg.meta.classify:
+        enc_name = "MAE encoder tuned on meta-train labels"
+    else:
+        enc_name = "MAE encoder"
+    arms.append((f"representation only: {enc_name} + nearest class mean", res_both["ncm"]))
+    arms.append((f"representation only: {enc_name} + logistic regression", res_both["logreg"]))
     if args.meta_only:
         mo_ck, mo_cfg, _ = load_run(args.meta_only, ("mann",), prefer="last.pt")
         if mo_cfg.meta.n_way != both_cfg.meta.n_way:
@@ -524,7 +534,7 @@ def cmd_ablation(args) -> dict:
         res_ex = evaluate_methods(ex, run_embeddings(ex, cache, ex_cfg, dev, pool), cache, ex_cfg, args.shots,
                                   episodes, ("mann",))
         arms.append((f"MANN on {ex_cfg.meta.backbone} ({os.path.basename(os.path.normpath(extra))})", res_ex["mann"]))
-    arms.append(("both: MAE encoder + MANN", res_both["mann"]))
+    arms.append((f"both: {enc_name} + MANN", res_both["mann"]))
     n_way = both_cfg.meta.n_way
     body = [f"## Ablation (eval.py ablation)\n",
             f"The ablation the paper promises (section 1): the same {episodes} fixed {n_way}-way episodes of the "
@@ -583,11 +593,12 @@ def cmd_export(args) -> dict:
 # speed: benchmark of every hot path
 #
 # One run measures the training steps (MAE pretraining at three mask ratios, classifier
-# fine-tuning, the encoder against a timm-style reference, MANN meta-training on cached
-# embeddings and end to end), their FLOPs against this device's matrix-product peak, the
-# attention kernels, data loading against what the steps consume, peak memory, and (with
-# --compile) torch.compile against eager. Inputs are random tensors on the device, so a step's
-# time is the model's; the loader is measured on its own and feeding a real step.
+# fine-tuning, the encoder against timm-style blocks and against SPT + LSA as their published
+# code writes them, MANN meta-training on cached embeddings and end to end), their FLOPs against
+# this device's matrix-product peak, the attention kernels, data loading against what the steps
+# consume, peak memory, and (with --compile) torch.compile against eager. Inputs are random
+# tensors on the device, so a step's time is the model's; the loader is measured on its own and
+# feeding a real step. Nothing is written into a run folder: --md and --json name the files.
 
 import dataclasses  # noqa: E402  (this section's own imports)
 import tempfile  # noqa: E402
