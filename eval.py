@@ -500,6 +500,16 @@ def cmd_fewshot(args) -> dict:
 # ablation: meta-learning only / representation only / both, on the same episodes
 
 
+def encoder_name(ck: dict, cfg: stmeta.Config) -> str:
+    """What a stage-3 run's backbone is, in a few words: MAE-pretrained, then (by default)
+    classification-tuned on the meta-train classes; or whatever --pretrained gave it."""
+    if cfg.meta.backbone != "mae":
+        return {"scratch": "ViT from scratch", "pixels": "pixels"}[cfg.meta.backbone]
+    if ck.get("init"):
+        return f"encoder of {os.path.basename(os.path.dirname(ck['init']))}/{os.path.basename(ck['init'])}"
+    return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder"
+
+
 def cmd_ablation(args) -> dict:
     both_ck, both_cfg, folder = load_run(args.both, ("mann",), prefer="last.pt")  # see fewshot()
     dev = stmeta.pick_device(args.device, verbose=False)
@@ -510,14 +520,7 @@ def cmd_ablation(args) -> dict:
     both = build_model(both_ck, both_cfg).to(dev)
     emb_both = run_embeddings(both, cache, both_cfg, dev, pool)
     res_both = evaluate_methods(both, emb_both, cache, both_cfg, args.shots, episodes, ("mann", "ncm", "logreg"))
-    # the encoder the MAE + MANN run used: MAE-pretrained, then (by default) classification-tuned
-    # on the meta-train classes; or whatever --pretrained gave it
-    if both_ck.get("init"):
-        enc_name = f"encoder of {os.path.basename(both_ck['init'])}"
-    elif both_cfg.meta.classify:
-        enc_name = "MAE encoder tuned on meta-train labels"
-    else:
-        enc_name = "MAE encoder"
+    enc_name = encoder_name(both_ck, both_cfg)
     arms.append((f"representation only: {enc_name} + nearest class mean", res_both["ncm"]))
     arms.append((f"representation only: {enc_name} + logistic regression", res_both["logreg"]))
     if args.meta_only:
@@ -527,13 +530,14 @@ def cmd_ablation(args) -> dict:
         meta_only = build_model(mo_ck, mo_cfg).to(dev)
         emb_mo = run_embeddings(meta_only, cache, mo_cfg, dev, pool)
         res_mo = evaluate_methods(meta_only, emb_mo, cache, mo_cfg, args.shots, episodes, ("mann",))
-        arms.insert(0, (f"meta-learning only: ViT from scratch ({mo_cfg.meta.backbone}) + MANN", res_mo["mann"]))
+        arms.insert(0, (f"meta-learning only: {encoder_name(mo_ck, mo_cfg)} + MANN", res_mo["mann"]))
     for extra in args.extra or []:
         ex_ck, ex_cfg, _ = load_run(extra, ("mann",), prefer="last.pt")
         ex = build_model(ex_ck, ex_cfg).to(dev)
         res_ex = evaluate_methods(ex, run_embeddings(ex, cache, ex_cfg, dev, pool), cache, ex_cfg, args.shots,
                                   episodes, ("mann",))
-        arms.append((f"MANN on {ex_cfg.meta.backbone} ({os.path.basename(os.path.normpath(extra))})", res_ex["mann"]))
+        arms.append((f"{encoder_name(ex_ck, ex_cfg)} + MANN ({os.path.basename(os.path.normpath(extra))})",
+                     res_ex["mann"]))
     arms.append((f"both: {enc_name} + MANN", res_both["mann"]))
     n_way = both_cfg.meta.n_way
     body = [f"## Ablation (eval.py ablation)\n",
