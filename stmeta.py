@@ -513,6 +513,9 @@ def setup_distributed(device_name: str) -> tuple[Dist, str]:
 def cleanup_distributed(dist: Dist) -> None:
     if dist.enabled:
         import torch.distributed as tdist
+        # Every rank reaches the same point first: gloo aborts ("terminate called without an
+        # active exception") when one rank tears its group down while another still talks to it.
+        tdist.barrier()
         tdist.destroy_process_group()
 
 
