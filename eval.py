@@ -180,7 +180,7 @@ def frame_losses(model, clips: np.ndarray, cfg: stmeta.Config, device, mask_rati
         for w, s in enumerate(window_starts(Fr, span, rate)):
             idx = [min(s + i * rate, Fr - 1) for i in range(T)]
             x = frames_to_input(video[idx], enc.img_size).unsqueeze(0).to(device)  # (1, C, T, H, W)
-            g = torch.Generator(device=device).manual_seed(seed * 100_003 + n * 1_009 + w)
+            g = torch.Generator().manual_seed(seed * 100_003 + n * 1_009 + w)  # CPU: same masks on any device
             loss = model.per_frame_loss(x, mask_ratio=mask_ratio, generator=g)[0].float().cpu().numpy()  # (T,)
             for i, f in enumerate(idx):
                 if s + i * rate < Fr:
@@ -247,7 +247,7 @@ def cmd_recon(args) -> dict:
     T, rate = enc.num_frames, cfg.data.sampling_rate
     idx = [min(i * rate, Fr - 1) for i in range(T)]
     x = frames_to_input(torch.from_numpy(np.ascontiguousarray(clips[0]))[idx], enc.img_size).unsqueeze(0)
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         recon, mask = model.reconstruct(x.to(device), mask_ratio=mask_ratio, generator=g)
     orig = to_uint8(x[0])

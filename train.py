@@ -578,8 +578,10 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
             set_lr(optimizer, lr_now)
             # -- step: mixup/cutmix to soft targets with label smoothing (Tables 1-2)
             video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            # mixup draws only scalars (whether, which, lambda, the box): from a CPU generator, because
+            # torch.rand((), generator=<CUDA generator>) fails and each .item() of a GPU draw would sync
             video, target = data.mixup_cutmix(video, label, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob,
-                                              ft.label_smoothing, step_generator(cfg.seed, micro, device))
+                                              ft.label_smoothing, step_generator(cfg.seed, micro, torch.device("cpu")))
             last_micro = micro_in_step == ft.accum_steps - 1
             sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
             with sync, stmeta.autocast(device, precision):

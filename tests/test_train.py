@@ -187,3 +187,15 @@ def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ranks in sync: True") == 2  # pretraining phase and fine-tuning phase
     assert os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("extra", [[], ["--finetune"]], ids=["frozen", "finetune"])
+def test_stage3_on_cuda(tmp_path, tiny_data, extra):
+    """The whole stage 3 (MAE, classification with mixup, MANN, evaluation) on the GPU, bf16 where
+    supported: generators, pinned copies and autocast on the device path, which CPU runs never touch."""
+    out = os.path.join(str(tmp_path), "cuda")
+    res = train.main(["--stage", "3", "--preset", "tiny", "--device", "cuda", "--data", tiny_data, "--out", out,
+                      "--log-every", "1", *extra])
+    assert 0 <= res["fewshot"]["mann"][1]["mean"] <= 1
+    assert stmeta.load_checkpoint(os.path.join(out, "classify", "last.pt"))["kind"] == "classifier"
