@@ -788,10 +788,16 @@ def bar_chart(path: str, names: list[str], values: list[float], errors: list[flo
     """Bars with optional +-error whiskers (e.g. 95% CI) and an optional reference line (chance)."""
     from PIL import Image, ImageDraw
     W, H = size
-    left, right, top, bottom = 64, 16, 36, 70
+    font, small = _font(13), _font(11)
+    n = max(len(values), 1)
+    # the chance label sits in the right margin; each bar's name wraps to its slot's pixel width
+    right = 16 + (int(small.getlength(hline_label)) + 8 if hline is not None and hline_label else 0)
+    left, top = 64, 36
+    slot = (W - left - right) / n
+    wrapped = [_wrap(name, small, slot - 6) for name in names]
+    bottom = 16 + 13 * max([len(w) for w in wrapped] + [2])
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    font, small = _font(13), _font(11)
     errors = errors or [0.0] * len(values)
     hi = max([v + e for v, e in zip(values, errors)] + [hline or 0.0]) * 1.1 or 1.0
     lo = min(0.0, min(values))
@@ -803,9 +809,7 @@ def bar_chart(path: str, names: list[str], values: list[float], errors: list[flo
         if lo <= t <= hi:
             d.line([(left, py(t)), (W - right, py(t))], fill=(232, 232, 232))
             d.text((left - 6, py(t)), _fmt_tick(t), fill="black", font=small, anchor="rm")
-    n = max(len(values), 1)
-    slot = (W - left - right) / n
-    for i, (name, v, e) in enumerate(zip(names, values, errors)):
+    for i, (lines, v, e) in enumerate(zip(wrapped, values, errors)):
         cx = left + slot * (i + 0.5)
         bw = slot * 0.6
         d.rectangle([cx - bw / 2, py(v), cx + bw / 2, py(lo)], fill=PALETTE[i % len(PALETTE)])
@@ -814,11 +818,11 @@ def bar_chart(path: str, names: list[str], values: list[float], errors: list[flo
             for yy in (py(v - e), py(v + e)):
                 d.line([(cx - 6, yy), (cx + 6, yy)], fill="black", width=2)
         d.text((cx, py(v + e) - 4), f"{v:.3g}", fill="black", font=small, anchor="mb")
-        for j, part in enumerate(_wrap(name, 22)):
+        for j, part in enumerate(lines):
             d.text((cx, H - bottom + 6 + 13 * j), part, fill="black", font=small, anchor="mt")
     if hline is not None:
         d.line([(left, py(hline)), (W - right, py(hline))], fill=(200, 0, 0), width=1)
-        d.text((W - right - 4, py(hline) - 2), hline_label, fill=(200, 0, 0), font=small, anchor="rb")
+        d.text((W - right + 6, py(hline)), hline_label, fill=(200, 0, 0), font=small, anchor="lm")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     d.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
     ylab = Image.new("RGB", (H, 18), "white")
@@ -827,10 +831,11 @@ def bar_chart(path: str, names: list[str], values: list[float], errors: list[flo
     img.save(path)
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def _wrap(text: str, font, width: float) -> list[str]:
+    """Words into lines no wider than `width` pixels in `font` (a longer single word stays whole)."""
     words, lines, cur = text.split(), [], ""
     for w in words:
-        if cur and len(cur) + 1 + len(w) > width:
+        if cur and font.getlength(f"{cur} {w}") > width:
             lines.append(cur)
             cur = w
         else:
