@@ -262,6 +262,8 @@ def start_run(folder: str, kind: str, cfg, resume: bool, dist: stmeta.Dist) -> d
             print(f"resuming {last} at step {ck['step']}/{ck['total']}")
         return ck
     if dist.is_main:
+        if resume:  # killed before its first checkpoint, or a phase not reached yet: start it
+            print(f"--resume: no checkpoint in {folder} yet; this phase starts from step 0")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(stmeta.config_to_dict(cfg), f, indent=2)
