@@ -1325,7 +1325,7 @@ def _qkv_bias(sd: dict[str, Tensor], blk: str) -> bool:
 
 
 def published_config(sd: dict[str, Tensor], family: str, path: str, img_size: int | None, num_frames: int | None,
-                     num_heads: int | None, decoder_heads: int | None
+                     num_heads: int | None, decoder_heads: int | None, norm_eps: float | None = None
                      ) -> tuple[MAEConfig, tuple[int, int, int], list[str]]:
     """Our MAEConfig for the renamed (not yet converted) tensors, at the requested clip size
     (None: the checkpoint's own), the checkpoint's own grid (gt, gh, gw), and notes for the report."""
@@ -1360,10 +1360,22 @@ def published_config(sd: dict[str, Tensor], family: str, path: str, img_size: in
                     depth=_count(sd, "encoder.blocks."), num_heads=nh, head_dim=inner // nh,
                     mlp_ratio=_mlp_ratio(sd[f"{blk}mlp.fc1.weight"], D, "blocks.0.mlp.fc1.weight", path),
                     qkv_bias=bias, spt=False, lsa=False, attention="joint", pos_embed=kind, cls_token=cls,
-                    norm_eps=1e-6)  # mae_st and VideoMAE: partial(nn.LayerNorm, eps=1e-6)
+                    # the released models' factories: partial(nn.LayerNorm, eps=1e-6); the bare classes: 1e-5
+                    norm_eps=1e-6 if norm_eps is None else norm_eps)
     notes = [f"encoder: width {D}, depth {enc.depth}, {nh} head(s) ({nh_from}; a checkpoint does not store head "
              f"counts), MLP {sd[f'{blk}mlp.fc1.weight'].shape[0]}, q/k/v bias {bias}, cls token {cls}, "
-             f"{kind} positions, tubelet {t} x {p} x {p}, {C} channels"]
+             f"{kind} positions, tubelet {t} x {p} x {p}, {C} channels, LayerNorm eps {enc.norm_eps:g} "
+             f"({'as given' if norm_eps is not None else 'as the released models; their classes default to 1e-5'})"]
+    if nh_from != "as given" and inner not in _VIT_HEADS:
+        notes.append(f"warning: width {inner} is not a published ViT width, so {nh} encoder heads is a guess (the "
+                     f"repository's constructor default); a model built with another count computes something "
+                     f"else: pass num_heads (--model.encoder.num_heads=N)")
+    if family == "mae_st_vit" and not cls:
+        notes.append("note: without a cls token mae_st's models_vit still pools x[:, 1:] (it drops the first patch "
+                     "token); our `embed` averages every token")
+    if family == "videomae_vit" and "encoder.norm.weight" in sd and not any(k.startswith("fc_norm.") for k in sd):
+        notes.append("note: no fc_norm, so this VideoMAE model was built with use_mean_pooling=False and its feature "
+                     "is norm(x)[:, 0]; our `embed` is norm(mean of the tokens)")
     mask_type = "tube" if family.startswith("videomae") else "random"
     if "decoder_pred.weight" not in sd:  # a fine-tuned ViT: a fresh decoder as the pretraining recipe builds it
         if family == "videomae_vit":
@@ -1380,7 +1392,7 @@ def published_config(sd: dict[str, Tensor], family: str, path: str, img_size: in
     dblk = "decoder_blocks.0."
     Dd = sd["decoder_embed.weight"].shape[0]
     dinner = _attn_width(sd, dblk)
-    table = _VIDEOMAE_DECODER_HEADS if family == "videomae" else {}
+    table = _VIDEOMAE_DECODER_HEADS if family == "videomae" else {512: 16}  # mae_st's recipe: 512 wide, 16 heads
     if dec_default is None:  # PySlowFast's MSSeparateHead: num_heads = dim_out // 64
         dh, dh_from = _heads(dinner, decoder_heads, {}, max(dinner // 64, 1), path, "PySlowFast: width // 64")
     else:
@@ -1402,6 +1414,9 @@ def published_config(sd: dict[str, Tensor], family: str, path: str, img_size: in
                     decoder_qkv_bias=_qkv_bias(sd, dblk),
                     mask_ratio=0.9, mask_type=mask_type, norm_pix_loss=True,
                     pred_t_dim=0 if t_pred == t else t_pred * frames // t)
+    if dh_from not in ("as given", "the standard table", "PySlowFast: width // 64"):
+        notes.append(f"warning: {dh} decoder heads is a guess ({dh_from}) for the attention width {dinner}; pass "
+                     f"decoder_heads (--model.decoder_heads=N) if the model was built with another count")
     notes.append(f"decoder: width {Dd}, depth {cfg.decoder_depth}, {dh} head(s) ({dh_from}), {dkind} positions, "
                  f"predicts {t_pred} of every {t} frames"
                  + (f" ({cfg.pred_t_dim} of {frames})" if cfg.pred_t_dim else ""))
@@ -1585,20 +1600,23 @@ def published_report(path: str, family: str, n: int, found: str, cfg: MAEConfig,
 
 
 def load_published(path: str, ck: dict, img_size: int | None = None, num_frames: int | None = None,
-                   num_heads: int | None = None, decoder_heads: int | None = None) -> tuple[MAEConfig, dict, str]:
+                   num_heads: int | None = None, decoder_heads: int | None = None, norm_eps: float | None = None
+                   ) -> tuple[MAEConfig, dict, str]:
     """A published video MAE checkpoint as (our MAEConfig, a state dict for our VideoMAE, a report).
 
     ck: the dict from stmeta.load_checkpoint(path). img_size / num_frames: the clips the model
     will see (None: the checkpoint's own, 224 px and 16 frames for the released models); learned
     position tables are resized to that grid. num_heads / decoder_heads: the attention head
-    counts, which a checkpoint does not store (None: the published table). The state holds every
+    counts, which a checkpoint does not store (None: the published table). norm_eps: the
+    LayerNorms' epsilon, not stored either (None: 1e-6, as the released models). The state holds every
     tensor the file gives, in our form; the report lists what was mapped, ignored and missing.
     Any inconsistency raises stmeta.CheckpointError naming the file, the key and the shapes.
     """
     sd, found = published_state_dict(ck, path)
     family = published_family(sd, path)
     named, origin, ignored = rename_published(sd, family, path)
-    cfg, src_grid, notes = published_config(named, family, path, img_size, num_frames, num_heads, decoder_heads)
+    cfg, src_grid, notes = published_config(named, family, path, img_size, num_frames, num_heads, decoder_heads,
+                                            norm_eps)
     state, origin = convert_published(named, origin)
     notes += fit_positions(state, origin, cfg, family, src_grid)
     keys = check_published_shapes(state, origin, cfg, path)

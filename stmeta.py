@@ -592,7 +592,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         text = str(e).strip()
         # torch's weights_only refusal is a page of advice; the line that matters names the global
         lines = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln] or text.splitlines()
-        msg = lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
+        msg = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
+        msg = msg if len(msg) > 12 else f"{type(e).__name__}: {msg}".rstrip(": ")  # e.g. a bare "101" says nothing
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or it needs "
                               f"code execution to load, which we refuse): {msg[:300]}") from None
     if not isinstance(obj, dict):

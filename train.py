@@ -870,8 +870,9 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
     """(model config, MAE-shaped state dict, description) from a checkpoint of any stage of
     ours, or a published mae_st / VideoMAE file. The run adopts the checkpoint's architecture.
     A published file is fitted to the run's clips (run_cfg's img_size and num_frames: its
-    position tables are resized); head counts, which a file does not store, are taken from
-    --model.encoder.num_heads / --model.decoder_heads when those are given in `overrides`."""
+    position tables are resized); head counts and the LayerNorm epsilon, which a file does not
+    store, are taken from --model.encoder.num_heads / --model.decoder_heads /
+    --model.encoder.norm_eps when those are given in `overrides`."""
     ck = stmeta.load_checkpoint(path)
     if "config" in ck and ck.get("kind") in ("mae", "classifier", "mann"):
         model_cfg = stmeta.config_from_dict(stmeta.Config, ck["config"]).model
@@ -891,7 +892,8 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
         given = {stmeta.resolve_key(run_cfg, a[2:].split("=", 1)[0].replace("-", "_")) for a in overrides}
         fit = dict(img_size=enc.img_size, num_frames=enc.num_frames,
                    num_heads=enc.num_heads if "model.encoder.num_heads" in given else None,
-                   decoder_heads=run_cfg.model.decoder_heads if "model.decoder_heads" in given else None)
+                   decoder_heads=run_cfg.model.decoder_heads if "model.decoder_heads" in given else None,
+                   norm_eps=enc.norm_eps if "model.encoder.norm_eps" in given else None)
     model_cfg, state, report = models.load_published(path, ck, **fit)
     if dist.is_main:
         print(report)

@@ -320,6 +320,19 @@ def test_mae_st_encoder_and_decoder_equal_the_reference(cls, sep):
         torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
 
 
+def test_guessed_head_counts_warn_and_given_settings_are_used():
+    """Head counts and the LayerNorm epsilon are not in a file: a width outside the published
+    tables gets the repository's default with a warning; given values are used as given."""
+    sd = mae_st_state()
+    cfg, _, report, _, _ = load(sd, img_size=16, num_frames=8)
+    assert "warning: width 32 is not a published ViT width, so 16 encoder heads is a guess" in report
+    assert "decoder heads is a guess" in report and cfg.encoder.norm_eps == 1e-6
+    cfg, _, report, model, _ = load(sd, img_size=16, num_frames=8, num_heads=4, decoder_heads=2, norm_eps=1e-5)
+    assert "warning" not in report and "LayerNorm eps 1e-05 (as given)" in report
+    assert (cfg.encoder.num_heads, cfg.encoder.head_dim, cfg.decoder_heads, cfg.encoder.norm_eps) == (4, 8, 2, 1e-5)
+    assert model.encoder.norm.eps == 1e-5
+
+
 def test_mae_st_tensors_land_where_they_should():
     sd = mae_st_state()
     _, state, report, _, _ = load(sd)
