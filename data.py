@@ -395,6 +395,9 @@ def read_list(list_file, root, class_list: list[str] | None = None) -> tuple[lis
                 labels.append(normalise_class(tok))
         if bad is None and not (root / rel).exists():
             bad = f"video not found: {root / rel}"
+            if not Path(rel).suffix and len(label_tokens) >= 2 and label_tokens[0].isdigit():
+                # mmaction2's raw-frame lists read `frame_dir total_frames label`: not a video path
+                bad += " (this looks like a raw-frame list, `dir total_frames label`; raw frames are not supported)"
         if bad:
             failures.append(_failure(where, bad, src))
             continue

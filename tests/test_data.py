@@ -222,6 +222,11 @@ def test_read_list_multi_label_class_list_and_spaces(tmp_path):
     # without a class list, labels are names
     records, _ = data.read_list(lst, tmp_path)
     assert records[1].labels == ["0", "2"]
+    # mmaction2's raw-frame list (`frame_dir total_frames label`): skipped, and the reason says what it is
+    raw = tmp_path / "rawframes.txt"
+    raw.write_text("imgs 5 127\n")
+    records, failures = data.read_list(raw, tmp_path)
+    assert records == [] and "raw-frame list" in failures[0]["reason"]
 
 
 def test_read_tinyvirat(tmp_path):
