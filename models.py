@@ -1015,7 +1015,9 @@ class MANN(nn.Module):
         B, S, _ = x.shape
         if label_in.shape != (B, S):
             raise ValueError(f"label_in must be (B, S) = ({B}, {S}); got {tuple(label_in.shape)}")
-        if label_in.numel() and (label_in.min() < -1 or label_in.max() >= self.n_way):
+        # checked where it costs nothing: on a GPU, reading min/max back would stall every step
+        # (an out-of-range label still fails there, in one_hot's device-side check)
+        if label_in.device.type == "cpu" and label_in.numel() and (label_in.min() < -1 or label_in.max() >= self.n_way):
             raise ValueError(f"labels must lie in -1..{self.n_way - 1}; got {label_in.min()}..{label_in.max()}")
         state = self.initial_state(x) if state is None else state
         x = self.input_proj(x)  # (B, S, in')

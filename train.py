@@ -696,10 +696,14 @@ def episodes_at(sampler, step: int, micro: int, mc: stmeta.MetaConfig, seed: int
 
 
 def episode_loss(mann, x, ep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on the scored steps; returns (loss, per-step correct (B, S) bool)."""
+    """Cross-entropy averaged over the scored steps; returns (loss, per-step correct (B, S) bool).
+    The scored steps are weighted by a mask rather than picked by boolean indexing, which
+    would read the mask's count back from the GPU every step."""
     logits, _ = mann(x, ep.label_in)  # (B, S, n_way)
     logits = logits.float()
-    loss = F.cross_entropy(logits[ep.is_query], ep.target[ep.is_query])
+    scored = ep.is_query.float()  # (B, S)
+    ce = F.cross_entropy(logits.flatten(0, 1), ep.target.clamp_min(0).flatten(), reduction="none")  # (B*S,)
+    loss = (ce.view_as(scored) * scored).sum() / scored.sum().clamp_min(1)
     return loss, logits.argmax(-1) == ep.target
 
 
@@ -813,12 +817,10 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                 else:
                     video, _ = next(clips_iter)  # (B*S, C, T, H, W)
                     x = model.backbone(video.to(device, non_blocking=True)).view(*ep.clips.shape, -1)
-                logits, _ = ddp_model(x, ep.label_in)
-                logits = logits.float()
-                loss = F.cross_entropy(logits[ep.is_query], ep.target[ep.is_query])
+                loss, ok = episode_loss(ddp_model, x, ep)
             (loss / mc.accum_steps).backward()
             loss_sum += loss.detach()
-            acc_sum += (logits.detach().argmax(-1) == ep.target)[ep.is_query].float().mean()
+            acc_sum += (ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1)
             loss_n += 1
             n_eps += mc.batch_size * dist.world_size
         if mc.clip_grad > 0:
