@@ -199,3 +199,20 @@ def test_stage3_on_cuda(tmp_path, tiny_data, extra):
                       "--log-every", "1", *extra])
     assert 0 <= res["fewshot"]["mann"][1]["mean"] <= 1
     assert stmeta.load_checkpoint(os.path.join(out, "classify", "last.pt"))["kind"] == "classifier"
+
+
+def test_episode_loss_is_the_mean_over_scored_steps():
+    """The masked form (no host sync on a GPU) equals cross-entropy over the scored steps only."""
+    import models
+    mann = models.MANN(stmeta.MANNConfig(controller_size=8, n_slots=6, slot_dim=4, read_heads=2), 5, 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, generator=g)
+    target = torch.tensor([[0, 1, 2, 1], [2, 0, 1, 0]])
+    is_query = torch.tensor([[False, False, True, True], [False, False, False, True]])
+    ep = data.Episode(torch.zeros(2, 4, dtype=torch.long), target, torch.where(is_query, -1, target), is_query,
+                      torch.zeros(2, 4, dtype=torch.long))
+    loss, ok = train.episode_loss(mann, x, ep)
+    logits, _ = mann(x, ep.label_in)
+    expected = torch.nn.functional.cross_entropy(logits[is_query], target[is_query])
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(ok, logits.argmax(-1) == target)
