@@ -732,7 +732,7 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
     """One PNG with a line per series: {name: (xs, ys)}, axes with ticks, and a legend."""
     from PIL import Image, ImageDraw
     W, H = size
-    left, right, top, bottom = 64, 16, 36, 48
+    left, right, top, bottom = 64, 16, 54, 48  # the legend has a row of its own under the title
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font, small = _font(13), _font(11)
@@ -772,9 +772,13 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
             d.line(xy, fill=color, width=2)
         for p in xy if len(xy) <= 30 else []:
             d.ellipse([p[0] - 2.5, p[1] - 2.5, p[0] + 2.5, p[1] + 2.5], fill=color)
-        ly = top + 8 + 16 * i
-        d.line([(W - right - 150, ly), (W - right - 130, ly)], fill=color, width=3)
-        d.text((W - right - 125, ly), name, fill="black", font=small, anchor="lm")
+    # legend: one row above the plot, so it never covers a line
+    widths = [28 + small.getlength(name) + 16 for name in series]
+    lx, ly = (left + W - right - sum(widths)) / 2, top - 11
+    for i, (name, w) in enumerate(zip(series, widths)):
+        d.line([(lx, ly), (lx + 20, ly)], fill=PALETTE[i % len(PALETTE)], width=3)
+        d.text((lx + 25, ly), name, fill="black", font=small, anchor="lm")
+        lx += w
     d.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
     d.text(((left + W - right) / 2, H - 8), xlabel, fill="black", font=font, anchor="mb")
     ylab = Image.new("RGB", (H, 18), "white")
