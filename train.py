@@ -290,6 +290,25 @@ def wrap_model(model, cfg, device, dist: stmeta.Dist):
     return model
 
 
+def resume_from(ck: dict, model, optimizer) -> tuple[int, dict]:
+    """Put a phase back where its last.pt left it: weights, optimizer, every RNG. -> (step, metrics)."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    stmeta.set_rng_state(ck["rng"])
+    return ck["step"], ck["metrics"]
+
+
+def end_phase(ddp_model, dist: stmeta.Dist, step: int, total: int, folder: str, title: str) -> None:
+    """After a phase's loop: ranks agree, a --stop-after exit says how to go on, curves drawn."""
+    sync_check(ddp_model, dist)
+    if step < total:
+        if dist.is_main:
+            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
+        raise SystemExit(0)
+    if dist.is_main:
+        draw_curves(folder, title)
+
+
 def sync_check(model, dist: stmeta.Dist) -> None:
     """After data-parallel training every rank must hold the same parameters."""
     if not dist.enabled:
@@ -380,10 +399,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     step, best = 0, float("inf")
     metrics: dict = {}
     if resume_ck is not None:
-        model.load_state_dict(resume_ck["model"])
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        stmeta.set_rng_state(resume_ck["rng"])
-        step, metrics = resume_ck["step"], resume_ck["metrics"]
+        step, metrics = resume_from(resume_ck, model, optimizer)
         best = metrics.get("best_val_loss", best)
     describe(cfg, device, precision, model, dist, f"MAE (mask ratio {cfg.model.mask_ratio})")
     ddp_model = wrap_model(model, cfg, device, dist)
@@ -472,13 +488,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
                                        checkpoint("mae", cfg, model, optimizer, step, total, metrics))
             if step >= total or step >= stop_at:
                 break
-    sync_check(ddp_model, dist)
-    if step < total:
-        if dist.is_main:
-            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
-        raise SystemExit(0)
-    if dist.is_main:
-        draw_curves(folder, "MAE reconstruction")
+    end_phase(ddp_model, dist, step, total, folder, "MAE reconstruction")
     return checkpoint("mae", cfg, model, optimizer, step, total, metrics)
 
 
@@ -510,6 +520,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
                                 hflip=cfg.data.hflip, seed=cfg.seed, **ds_kw)
     val_ds = data.ClipDataset(cache, val_idx, train=False, num_views=cfg.data.num_views, **ds_kw)
     n_cls = len(class_ids)
+    names = {"classes": [cache.classes[c] for c in class_ids]}  # stored with every checkpoint
     batch = ft.batch_size
     steps_per_epoch = len(train_idx) // (batch * dist.world_size)
     if steps_per_epoch == 0:
@@ -525,17 +536,14 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
     model = models.Classifier(enc, n_cls, dropout=ft.head_dropout)
     if encoder_state is not None:
         missing, unexpected = model.encoder.load_state_dict(encoder_state, strict=False)
-        if unexpected or missing:
+        if (unexpected or missing) and dist.is_main:
             print(f"encoder: {len(missing)} missing, {len(unexpected)} unexpected keys")
     model = model.to(device)
     optimizer = make_optimizer(model, lr, ft.weight_decay, ft.beta2, ft.layer_decay)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     step, best, metrics = 0, -1.0, {}
     if resume_ck is not None:
-        model.load_state_dict(resume_ck["model"])
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        stmeta.set_rng_state(resume_ck["rng"])
-        step, metrics = resume_ck["step"], resume_ck["metrics"]
+        step, metrics = resume_from(resume_ck, model, optimizer)
         best = metrics.get("best_val_acc", best)
     describe(cfg, device, precision, model, dist, f"classifier ({n_cls} classes)")
     ddp_model = wrap_model(model, cfg, device, dist)
@@ -624,25 +632,17 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
                         best = rec["val_acc"]
                         metrics["best_val_acc"] = best
                         stmeta.save_checkpoint(os.path.join(folder, "best.pt"), checkpoint(
-                            "classifier", cfg, model, optimizer, step, total, metrics,
-                            {"classes": [cache.classes[c] for c in class_ids]}))
+                            "classifier", cfg, model, optimizer, step, total, metrics, names))
                 log(rec)
                 t0, seen, loss_n = time.time(), 0, 0
                 loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
             if do_ckpt and dist.is_main:
                 stmeta.save_checkpoint(os.path.join(folder, "last.pt"), checkpoint(
-                    "classifier", cfg, model, optimizer, step, total, metrics,
-                    {"classes": [cache.classes[c] for c in class_ids]}))
+                    "classifier", cfg, model, optimizer, step, total, metrics, names))
             if step >= total or step >= stop_at:
                 break
-    sync_check(ddp_model, dist)
-    if step < total:
-        if dist.is_main:
-            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
-        raise SystemExit(0)
-    if dist.is_main:
-        draw_curves(folder, "classification")
-    return checkpoint("classifier", cfg, model, optimizer, step, total, metrics)
+    end_phase(ddp_model, dist, step, total, folder, "classification")
+    return checkpoint("classifier", cfg, model, optimizer, step, total, metrics, names)
 
 
 # -----------------------------------------------------------------------------
@@ -746,10 +746,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     optimizer = torch.optim.AdamW(groups, lr=mc.lr)
     step, best, metrics = 0, -1.0, {}
     if resume_ck is not None:
-        model.load_state_dict(resume_ck["model"])
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        stmeta.set_rng_state(resume_ck["rng"])
-        step, metrics = resume_ck["step"], resume_ck["metrics"]
+        step, metrics = resume_from(resume_ck, model, optimizer)
         best = metrics.get("best_val_acc", best)
     total = mc.steps
 
@@ -853,13 +850,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         if do_ckpt and dist.is_main:
             stmeta.save_checkpoint(os.path.join(folder, "last.pt"),
                                    checkpoint("mann", cfg, model, optimizer, step, total, metrics))
-    sync_check(ddp_model, dist)
-    if step < total:
-        if dist.is_main:
-            print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
-        raise SystemExit(0)
-    if dist.is_main:
-        draw_curves(folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
+    end_phase(ddp_model, dist, step, total, folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
     return checkpoint("mann", cfg, model, optimizer, step, total, metrics)
 
 
