@@ -1,16 +1,20 @@
-"""data.py: everything between video files on disk and tensors.
+"""data.py: everything between video and image files on disk and tensors.
 
 1. Decoding (`decode_video`): one ffmpeg pass per file (imageio-ffmpeg's binary) that resamples
    to 10 FPS and scales + centre-crops to 64x64 with ffmpeg's own filters, as paper section 4.1
    prepares its clips (100 frames at 10 FPS, 64x64). Longer clips keep a window (the centre, or
    the annotated time_start..time_end); shorter ones are padded with their last frame.
+   Still images (`decode_image`: png, jpg, bmp, tif, webp, ppm/pgm) go through Pillow instead,
+   with the same short-side resize and centre crop, as clips of one frame (Omniglot, the MANN
+   paper's benchmark, is 20 drawings of each of 964 characters).
 2. Sources: one small reader per annotation format (folder per class, Kinetics CSV, `path label`
    lists, TinyVIRAT-v2 JSON, few-shot split lists), combined into one composite dataset with
    class names merged across sources, as the paper combines Kinetics-400, Mini-Kinetics-200 and
    TinyVIRAT (518 classes, 414 meta-train / 104 meta-test).
 3. The clip cache (`prepare`, `ClipCache`): <dir>/clips.npy, a memory-mapped uint8 array
-   (N, F, H, W, 3), plus <dir>/meta.json (classes, labels, sources, splits, failures).
-   Parallel, resumable, and a bad file is a line in the failure report, never a crash.
+   (N, F, H, W, 3), plus <dir>/meta.json (classes, labels, sources, splits, failures, whether
+   every frame is grey). Parallel, resumable, and a bad file is a line in the failure report,
+   never a crash.
 4. The synthetic action benchmark (`build_synthetic`): procedurally generated clips whose class
    is *how things move*; the default data when no real videos are given.
 5. Loading (`ClipDataset`, `mixup_cutmix`): T frames at sampling rate r, random resized crop,
@@ -25,6 +29,7 @@ V views, B batch, S episode steps.
 Run:
     python data.py synth --out data_cache/synth          # the built-in benchmark
     python data.py prepare --source folder:path/to/videos --out data_cache/mine
+    python data.py prepare --source folder:omniglot/images_background --size 20 --out data_cache/omniglot
     python data.py prepare --source kinetics:k400/videos:k400/val.csv \\
                            --source tinyvirat:TinyVIRAT-v2:TinyVIRAT-v2/tiny_train_v2.json \\
                            --out data_cache/composite
@@ -41,12 +46,13 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,8 +66,11 @@ from stmeta import MEAN, STD
 FORMAT_VERSION = 1  # of clips.npy + meta.json; bump when the layout changes
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif", ".mpg", ".mpeg", ".wmv",
                     ".flv", ".3gp", ".ogv", ".ts")
+# Still images, decoded with Pillow as one-frame clips. GIFs stay videos (ffmpeg reads their
+# frames, and a one-frame GIF decodes to one frame there too).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
 SOURCE_KINDS = {
-    "folder": "folder:ROOT                 ROOT/<class>/<video>",
+    "folder": "folder:ROOT                 ROOT/<class>/<video>, ROOT/<class>[/<sub>...]/<image>",
     "kinetics": "kinetics:VIDEOS:CSV         Kinetics / Mini-Kinetics-200 CSV (label,youtube_id,time_start,...)",
     "list": "list:ROOT:LIST              `path label [label ...]` lines (mae_st, VideoMAE, mmaction2)",
     "tinyvirat": "tinyvirat:ROOT:JSON         TinyVIRAT-v2 JSON; videos under ROOT/videos/<split>/",
@@ -74,7 +83,8 @@ class DataError(Exception):
 
 
 class DecodeError(DataError):
-    """ffmpeg could not give frames for one file; the message names the file and the reason."""
+    """ffmpeg (a video) or Pillow (an image) could not give frames for one file; the message names
+    the file and the reason."""
 
     def __init__(self, path, reason: str):
         super().__init__(f"{path}: {reason}")
@@ -138,19 +148,27 @@ def probe_duration(path) -> float | None:
     return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
 
 
+def _check_file(path: Path, what: str) -> int:
+    """The checks every decoder makes first (with one stat: that counts when an image decodes in
+    half a millisecond); returns the file's size in bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeError(path, "file not found") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError(path, f"is a directory, not {what}")
+    if st.st_size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise DecodeError(path, "not readable (permission denied)")
+    return st.st_size
+
+
 def _decode(path, size=64, fps=10, frames=100, start=None, end=None, timeout=600.0):
     """decode_video, plus a warning string when ffmpeg complained but still gave frames
     (a truncated file, say): those clips are kept, their true length tells how much survived."""
     path = Path(path)
-    if not path.exists():
-        raise DecodeError(path, "file not found")
-    if path.is_dir():
-        raise DecodeError(path, "is a directory, not a video file (raw-frame folders are not supported)")
-    nbytes = path.stat().st_size
-    if nbytes == 0:
-        raise DecodeError(path, "empty file (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise DecodeError(path, "not readable (permission denied)")
+    nbytes = _check_file(path, "a video file (raw-frame folders are not supported)")
 
     # Which seconds to decode. An annotated window is seeked to directly. Without one we want
     # the centre `frames`: for ordinary clips it is cheapest to decode everything (small at
@@ -222,6 +240,120 @@ def decode_video(path, size=64, fps=10, frames=100, start=None, end=None) -> tup
     return video, length
 
 
+def _to_8bit(im):
+    """A Pillow image of any mode -> mode 'L' (grey: one channel, a third of the resizing work) or
+    'RGB'. Transparency is composited over white (a transparent background is paper, not black).
+    16-bit grey ('I;16*') is scaled by its range, 0..65535 -> 0..255 (convert('L') would clip
+    everything above 255 to white); 32-bit 'I' the same when its values fit in 16 bits (16-bit
+    files often open as 'I'), else by its own min..max, as is float 'F' outside 0..1."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)  # (H, W)
+        lo, hi = float(a.min()), float(a.max())
+        if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+            lo, hi = 0.0, 65535.0
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0
+        grey = np.round((a - lo) * (255 / max(hi - lo, 1e-12))).astype(np.uint8)
+        if isinstance(im.info.get("transparency"), int):  # a PNG colour key on 16-bit grey
+            grey[np.asarray(im) == im.info["transparency"]] = 255
+        return Image.fromarray(grey)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")  # applies a palette's or a colour key's transparency too
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if mode in ("L", "RGB"):
+        return im
+    if mode == "1":
+        return im.convert("L")  # 0 / 255
+    try:
+        return im.convert("RGB")  # P, CMYK, YCbCr, HSV, ...
+    except ValueError:
+        raise DecodeError(im.filename, f"unsupported image mode {mode!r}") from None
+
+
+def _square_box(w: int, h: int, size: int) -> tuple[float, float, float, float]:
+    """The part of a w x h image that ffmpeg_filter's geometry keeps: the short side scaled to
+    `size`, the long side to max(size, ceil(size * aspect)), then the centre size x size square.
+    Returned in source pixels (left, top, right, bottom) so that one resize does both steps."""
+    nw, nh = max(size, math.ceil(size * w / h)), max(size, math.ceil(size * h / w))
+    x0, y0 = (nw - size) // 2, (nh - size) // 2
+    sx, sy = w / nw, h / nh
+    return x0 * sx, y0 * sy, (x0 + size) * sx, (y0 + size) * sy
+
+
+def _decode_image(path, size=64, frames=1):
+    """decode_image -> (uint8 (frames, size, size, 3), true length 1, warning (always None: Pillow
+    decodes an image or fails), grey), grey known from the mode or checked on the output."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    _check_file(path, "an image file")
+    try:
+        with Image.open(path) as im:
+            im.draft(None, (2 * size, 2 * size))  # JPEG: decode at 1/2..1/8 scale, still >= 2x the output
+            ImageOps.exif_transpose(im, in_place=True)  # loads the pixels; phone photos stand upright
+            im = _to_8bit(im)  # 'L' or 'RGB'
+            w, h = im.size
+            # downscaling: area averaging (BOX), as ffmpeg's flags=area does for videos; enlarging
+            # a small image: bilinear (BOX would enlarge in blocks)
+            resample = Image.Resampling.BOX if min(w, h) >= size else Image.Resampling.BILINEAR
+            small = np.asarray(im.resize((size, size), resample, box=_square_box(w, h, size)))
+    except UnidentifiedImageError:
+        raise DecodeError(path, "not an image (Pillow cannot identify the file's format)") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(path, f"image too large: {e}") from None
+    except PermissionError:
+        raise DecodeError(path, "not readable (permission denied)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow's decoders raise on bad bytes
+        kind = "truncated image" if "truncated" in str(e) or isinstance(e, EOFError) else "corrupt image"
+        raise DecodeError(path, f"{kind}: {e or type(e).__name__}") from None
+    grey = small.ndim == 2
+    video = np.empty((frames, size, size, 3), np.uint8)
+    video[:] = small[:, :, None] if grey else small  # the one frame, repeated: (frames, size, size, 3)
+    return video, 1, None, grey or is_grey(small)
+
+
+def decode_image(path, size=64, frames=1) -> tuple[np.ndarray, int]:
+    """Decode one still image (png, jpg, bmp, tif, webp, ppm/pgm; the first frame of a multi-frame
+    file) with Pillow into a clip of one frame.
+
+    EXIF orientation applied; any mode made 8-bit RGB (see `_to_8bit`); the short side resized
+    to `size` with an anti-aliased filter and the centre square kept, the geometry of
+    `ffmpeg_filter`. Returns (uint8 (frames, size, size, 3), 1): the frame repeated to `frames`,
+    true length 1. Raises DecodeError naming the file and the reason when it is not a readable image.
+    """
+    video, length, _, _ = _decode_image(path, size, frames)
+    return video, length
+
+
+def is_grey(video: np.ndarray) -> bool:
+    """(..., 3) uint8 -> whether R == G == B everywhere (a grey image or clip stored as RGB)."""
+    return bool((video[..., 0] == video[..., 1]).all() and (video[..., 1] == video[..., 2]).all())
+
+
+def _decode_batch(batch: list[dict], size: int, fps: float, frames: int) -> list:
+    """_decode_clip over a few clips in one worker task; a clip that fails gives its exception in
+    its place (an interrupt still stops the batch)."""
+    out = []
+    for entry in batch:
+        try:
+            out.append(_decode_clip(entry, size, fps, frames))
+        except Exception as e:  # noqa: BLE001 - one odd file must not end a long build
+            out.append(e)
+    return out
+
+
+def _decode_clip(entry: dict, size: int, fps: float, frames: int):
+    """One clip of prepare's work list -> (uint8 (frames, size, size, 3), true length, warning or
+    None, grey): an image through Pillow, anything else through ffmpeg."""
+    if _is_image(entry["path"]):
+        return _decode_image(entry["path"], size, frames)
+    video, length, warning = _decode(entry["path"], size, fps, frames, entry["start"], entry["end"])
+    return video, length, warning, is_grey(video[:length])
+
+
 # -----------------------------------------------------------------------------
 # Sources: one small reader per annotation format -> (list[ClipRecord], list[failure dict])
 
@@ -245,6 +377,14 @@ def normalise_class(name: str) -> str:
     return " ".join(name.split())
 
 
+def normalise_class_path(path) -> str:
+    """The class of an image in a folder source, from its folder relative to the root: each part
+    normalised, joined with '/': 'Alphabet_of_the_Magi/character01' -> 'alphabet of the magi/character01'.
+    Empty and '.' parts are dropped, so `find .` and `ls -d */` spellings name the same class."""
+    parts = str(path).replace("\\", "/").split("/")
+    return "/".join(filter(None, (normalise_class(part) for part in parts if part != ".")))
+
+
 def _failure(file, reason: str, source: str = "") -> dict:
     return {"file": str(file), "reason": reason, "source": source}
 
@@ -260,8 +400,18 @@ def _existing(path, what: str, want_dir: bool | None = None) -> Path:
     return path
 
 
-def _is_video(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+def _extension(path) -> str:
+    """'.mp4' for 'a/b.MP4'; '' for hidden files ('._b.mp4', what macOS leaves next to copies)."""
+    name = os.path.basename(path)
+    return "" if name.startswith(".") else os.path.splitext(name)[1].lower()
+
+
+def _is_video(path) -> bool:
+    return _extension(path) in VIDEO_EXTENSIONS
+
+
+def _is_image(path) -> bool:
+    return _extension(path) in IMAGE_EXTENSIONS
 
 
 def _video_index(root: Path) -> dict[str, list[Path]]:
@@ -296,22 +446,35 @@ def _split_from_name(name: str) -> str | None:
 
 
 def read_folder(path) -> tuple[list[ClipRecord], list[dict]]:
-    """`path/<class>/<video>` (videos may sit deeper inside a class folder)."""
+    """`path/<class>/<video>` and `path/<class>[/<sub>...]/<image>`. A video's class is its
+    first-level folder (the video may sit deeper inside it). An image's class is the folder it
+    sits in, relative to path, each part normalised and joined with '/' (`normalise_class_path`):
+    Omniglot's `<alphabet>/characterNN/*.png` gives 'alphabet of the magi/character01', and any
+    `<class>/<image>` dataset gives plain class names. A folder may mix images and videos."""
     root = _existing(path, "folder source", want_dir=True)
     src = f"folder:{root.name}"
     records, failures = [], []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p.name != "__MACOSX")  # what unzipping a macOS zip leaves: resource forks only
     if not class_dirs:
-        raise DataError(f"folder source {root}: no class folders in it (expected {root}/<class>/<video>)")
+        raise DataError(f"folder source {root}: no class folders in it (expected {root}/<class>/<video> "
+                        f"or {root}/<class>/<image>)")
     for class_dir in class_dirs:
-        videos = sorted(p for p in class_dir.rglob("*") if p.is_file() and _is_video(p))
-        if not videos:
-            failures.append(_failure(class_dir, "empty class: no video files in this class folder", src))
-        label = normalise_class(class_dir.name)
-        records += [ClipRecord(str(v), [label], src) for v in videos]
+        video_label = normalise_class(class_dir.name)
+        files = []  # (path parts below root, label); strings, not Paths: Omniglot has 19,280 files
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .ipynb_checkpoints, .thumbnails, ...
+            rel = os.path.relpath(dirpath, root).split(os.sep)
+            image_label = normalise_class_path("/".join(rel))
+            files += [(rel + [f], image_label if _is_image(f) else video_label) for f in filenames
+                      if _is_video(f) or _is_image(f)]
+        if not files:
+            failures.append(_failure(class_dir, "empty class: no video or image files in this class folder", src))
+        records += [ClipRecord(os.path.join(root, *parts), [label], src) for parts, label in sorted(files)]
     for p in sorted(root.iterdir()):
-        if p.is_file() and _is_video(p):
-            failures.append(_failure(p, "not inside a class folder (expected ROOT/<class>/<video>)", src))
+        if (_is_video(p) or _is_image(p)) and p.is_file():
+            failures.append(_failure(p, "not inside a class folder (expected ROOT/<class>/<video> or "
+                                        "ROOT/<class>/<image>)", src))
     return records, failures
 
 
@@ -543,8 +706,8 @@ def read_sources(specs: list, class_list: list[str] | None = None, class_list_na
                 kept.append(rec)
         records = kept
     merged: dict[tuple, ClipRecord] = {}
-    for rec in records:
-        key = (os.path.realpath(rec.path), rec.start, rec.end)
+    for rec, real in zip(records, _realpaths([r.path for r in records])):
+        key = (real, rec.start, rec.end)
         if key in merged:
             first = merged[key]
             first.labels = list(dict.fromkeys(first.labels + rec.labels))
@@ -553,8 +716,25 @@ def read_sources(specs: list, class_list: list[str] | None = None, class_list_na
             first.split_hint = first.split_hint or rec.split_hint
             first.class_split_hint = first.class_split_hint or rec.class_split_hint
         else:
-            merged[key] = ClipRecord(**asdict(rec))
+            merged[key] = replace(rec, labels=list(rec.labels))  # a copy: the merge above edits it
     return list(merged.values()), failures
+
+
+def _realpaths(paths: list[str]) -> list[str]:
+    """os.path.realpath of each path, each folder resolved once: realpath costs a system call per
+    path component, and Omniglot's 19,280 files sit in 964 folders."""
+    dirs: dict[str, str] = {}
+    out = []
+    for p in paths:
+        d, name = os.path.split(p)
+        if name in ("", ".", ".."):
+            out.append(os.path.realpath(p))
+            continue
+        if d not in dirs:
+            dirs[d] = os.path.realpath(d or ".")
+        full = os.path.join(dirs[d], name)
+        out.append(os.path.realpath(full) if os.path.islink(full) else full)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -633,15 +813,24 @@ def read_split_lists(specs: list[str]) -> dict[str, str]:
 # The clip cache: <dir>/clips.npy (N, F, H, W, 3) uint8 + <dir>/meta.json
 
 
-def _write_json(path: Path, obj) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomic: a reader (or a crash) never sees half a file. One line per top-level key and per
+    item of a list of dicts (a clip, a failure): readable, greppable, and written by json's C
+    encoder (indent= falls back to the pure-Python one: seconds for 20,000 clips, every save)."""
+    parts = []
+    for k, v in obj.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            parts.append(f"{json.dumps(k)}: [\n  " + ",\n  ".join(json.dumps(x) for x in v) + "\n ]")
+        else:
+            parts.append(f"{json.dumps(k)}: {json.dumps(v)}")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text("{\n " + ",\n ".join(parts) + "\n}\n")
     os.replace(tmp, path)
 
 
-def _clip_key(c: dict) -> str:
-    return f"{os.path.realpath(c['path'])}|{c['start']}|{c['end']}"
+def _clip_keys(clips: list[dict]) -> list[str]:
+    """What makes two clip entries the same clip: the real file and the window."""
+    return [f"{real}|{c['start']}|{c['end']}" for c, real in zip(clips, _realpaths([c["path"] for c in clips]))]
 
 
 def _save_meta(out: Path, meta: dict, read_failures: list[dict] = ()) -> None:
@@ -652,10 +841,11 @@ def _save_meta(out: Path, meta: dict, read_failures: list[dict] = ()) -> None:
     _write_json(out / "meta.json", meta)
 
 
-def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float, frames: int):
+def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float, frames: int, frames_rule: str = ""):
     """(clip entries, clips memmap) for this run. An existing cache with the same settings is reused:
     clips it already decoded (same file and window) are kept, so only the missing ones are
-    decoded. Anything else starts a fresh array."""
+    decoded. Anything else starts a fresh array. `frames_rule` explains a defaulted frame count
+    in the error for a cache made with another."""
     meta_path, clips_path = out / "meta.json", out / "clips.npy"
     old, old_clips = None, None
     if meta_path.exists():
@@ -669,7 +859,7 @@ def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float
                 != (FORMAT_VERSION, size, fps, frames):
             raise DataError(f"{out} holds a cache made with size={old.get('size')} fps={old.get('fps')} "
                             f"frames={old.get('frames')} (format {old.get('format_version')}); this run asks for "
-                            f"size={size} fps={fps} frames={frames}: use another --out or delete {out}")
+                            f"size={size} fps={fps} frames={frames}{frames_rule}: use another --out or delete {out}")
         try:
             old_clips = np.load(clips_path, mmap_mode="r+") if old is not None else None
         except (OSError, ValueError):
@@ -677,17 +867,21 @@ def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float
         if old_clips is not None and old_clips.shape != (len(old["clips"]), frames, size, size, 3):
             old_clips = None
 
-    entries = [dict(asdict(r), status="pending", length=0, error=None, warning=None) for r in records]
+    entries = [dict(vars(r), labels=list(r.labels), status="pending", length=0, error=None, warning=None, grey=None)
+               for r in records]
+    keys = _clip_keys(entries)
     done = {}
     if old is not None and old_clips is not None:
-        done = {_clip_key(c): (row, c) for row, c in enumerate(old["clips"]) if c["status"] != "pending"}
-    same_layout = old_clips is not None and [_clip_key(c) for c in old["clips"]] == [_clip_key(e) for e in entries]
+        old_keys = _clip_keys(old["clips"])
+        done = {k: (row, c) for row, (k, c) in enumerate(zip(old_keys, old["clips"])) if c["status"] != "pending"}
+    same_layout = old_clips is not None and old_keys == keys
     if same_layout:
         clips = old_clips
-        for e in entries:
-            row, c = done.get(_clip_key(e), (None, None))
+        for e, k in zip(entries, keys):
+            row, c = done.get(k, (None, None))
             if c is not None:
-                e.update(status=c["status"], length=c["length"], error=c["error"], warning=c.get("warning"))
+                e.update(status=c["status"], length=c["length"], error=c["error"], warning=c.get("warning"),
+                         grey=c.get("grey"))
         return entries, clips
 
     # A different set of clips: a new array. Rows decoded before are copied over (cheap next to
@@ -697,27 +891,30 @@ def _open_for_update(out: Path, records: list[ClipRecord], size: int, fps: float
         meta_path.unlink()
     tmp = out / "clips.npy.tmp"
     clips = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), frames, size, size, 3))
-    for i, e in enumerate(entries):
-        row, c = done.get(_clip_key(e), (None, None))
+    for i, (e, k) in enumerate(zip(entries, keys)):
+        row, c = done.get(k, (None, None))
         if c is not None:
             if c["status"] == "ok":
                 clips[i] = old_clips[row]
-            e.update(status=c["status"], length=c["length"], error=c["error"], warning=c.get("warning"))
+            e.update(status=c["status"], length=c["length"], error=c["error"], warning=c.get("warning"),
+                     grey=c.get("grey"))
     clips.flush()
     del old_clips
     os.replace(tmp, clips_path)
     return entries, np.load(clips_path, mmap_mode="r+")
 
 
-def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: int = 100, workers: int | None = None,
-            seed: int = 0, meta_test_fraction: float = 0.2, val_fraction: float = 0.2,
+def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: int | None = None,
+            workers: int | None = None, seed: int = 0, meta_test_fraction: float = 0.2, val_fraction: float = 0.2,
             split_lists: list[str] = (), class_list: str | None = None, retry_failed: bool = False,
             verbose: bool = True) -> dict:
     """Decode `sources` ('KIND:PATH[:ANNOTATIONS]') into a clip cache at `out`; returns meta.
 
-    Resumable: run it again over the same `out` and only clips not yet decoded are decoded (with
-    `retry_failed`, failed ones too). Every few seconds the decoded rows are flushed and then
-    meta.json is written, so an interrupted run loses at most those seconds.
+    `frames` (F) defaults to 1 when every clip is a still image, else 100 (paper 4.1); images
+    among videos are one-frame clips padded to F. Resumable: run it again over the same `out`
+    and only clips not yet decoded are decoded (with `retry_failed`, failed ones too). Every few
+    seconds the decoded rows are flushed and then meta.json is written, so an interrupted run
+    loses at most those seconds.
     """
     if not sources:
         raise DataError("no --source given")
@@ -739,10 +936,15 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
         example = f" (e.g. {sorted(listed_test)[0]!r})" if listed_test else ""
         raise DataError(f"the split lists name no meta-test class that is in the data{example}; "
                         f"check --split-list against the sources' class names")
+    n_images = sum(_is_image(r.path) for r in records)
+    frames_rule = ""
+    if frames is None:
+        frames = 1 if n_images == len(records) else 100
+        frames_rule = " (--frames defaults to 1 when every clip is an image, else 100)"
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries, clips = _open_for_update(out, records, size, fps, frames)
+    entries, clips = _open_for_update(out, records, size, fps, frames, frames_rule)
     meta = {"format_version": FORMAT_VERSION, "kind": "prepared", "complete": False, "size": size, "fps": fps,
             "frames": frames, "seed": seed, "meta_test_fraction": meta_test_fraction, "val_fraction": val_fraction,
             "sources": list(sources), "class_list": class_list, "split_lists": list(split_lists),
@@ -752,32 +954,48 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
 
     workers = workers or os.cpu_count() or 1
     if verbose:
-        print(f"prepare: {len(entries)} clips from {len(sources)} source(s), {len(entries) - len(todo)} already done, "
-              f"decoding {len(todo)} with {workers} workers -> {out}", flush=True)
-    t0, last_save = time.time(), time.time()
+        what = f" ({n_images} still images, {frames}-frame clips)" if n_images else ""
+        print(f"prepare: {len(entries)} clips{what} from {len(sources)} source(s), {len(entries) - len(todo)} "
+              f"already done, decoding {len(todo)} with {workers} workers -> {out}", flush=True)
+    t0, last_save, save_every = time.time(), time.time(), 5.0
     progress = stmeta.Progress(len(todo), "decode") if (verbose and todo) else None
-    # Threads are enough: the work happens in the ffmpeg child processes (one per worker, each
-    # single-threaded), the Python side only copies 1 MB results into the memmap.
+    # Threads are enough: a video's work happens in its ffmpeg child process (one per worker,
+    # each single-threaded); an image's in Pillow, which releases the GIL while it decodes and
+    # resizes. The Python side copies the results into the memmap. An image takes a fraction of a
+    # millisecond, so images go 64 to a task (one a task spent a third of the time handing
+    # results between threads); a video is a task of its own.
+    batches, run = [], []
+    for i in todo:
+        if not _is_image(entries[i]["path"]):
+            batches.append([i])
+            continue
+        run.append(i)
+        if len(run) == 64:
+            batches.append(run)
+            run = []
+    batches += [run] if run else []
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        futures = {pool.submit(_decode, entries[i]["path"], size, fps, frames, entries[i]["start"],
-                               entries[i]["end"]): i for i in todo}
+        futures = {pool.submit(_decode_batch, [entries[i] for i in b], size, fps, frames): b for b in batches}
         for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                video, length, warning = fut.result()
-                clips[i] = video
-                entries[i].update(status="ok", length=length, error=None, warning=warning)
-            except DecodeError as e:
-                entries[i].update(status="failed", length=0, error=e.reason, warning=None)
-            except Exception as e:  # noqa: BLE001 - one odd file must not end a long build
-                entries[i].update(status="failed", length=0, error=f"{type(e).__name__}: {e}", warning=None)
+            for i, result in zip(futures[fut], fut.result()):
+                if isinstance(result, DecodeError):
+                    entries[i].update(status="failed", length=0, error=result.reason, warning=None, grey=None)
+                elif isinstance(result, Exception):
+                    entries[i].update(status="failed", length=0, error=f"{type(result).__name__}: {result}",
+                                      warning=None, grey=None)
+                else:
+                    video, length, warning, grey = result
+                    clips[i] = video
+                    entries[i].update(status="ok", length=length, error=None, warning=warning, grey=grey)
             if progress:
-                progress.update()
-            if time.time() - last_save > 5:
+                progress.update(len(futures[fut]))
+            if time.time() - last_save > save_every:
+                t_save = time.time()
                 clips.flush()  # rows first, then the meta that says they are done
                 _save_meta(out, meta, read_failures)
                 last_save = time.time()
+                save_every = max(5.0, 20 * (last_save - t_save))  # saving a big meta.json: at most 5% of the time
     except KeyboardInterrupt:
         pool.shutdown(wait=True, cancel_futures=True)
         clips.flush()
@@ -793,6 +1011,8 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
     elapsed = time.time() - t0
 
     meta.update(_finalise_labels(entries, seed, meta_test_fraction, val_fraction, fixed))
+    meta["grey"] = _all_grey(entries, clips)
+    meta["warnings"] = _data_warnings(entries, frames)
     meta["complete"] = True
     meta["decode_seconds"] = round(elapsed, 2)
     _save_meta(out, meta, read_failures)
@@ -800,7 +1020,8 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
         raise DataError(f"none of the {len(entries)} clips could be decoded; {out}/meta.json lists why\n"
                         + failure_report(meta))
     if verbose:
-        print(f"prepare: decoded {len(todo)} clips in {elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9):.1f} clips/s)")
+        print(f"prepare: decoded {len(todo)} clips in {elapsed:.1f}s ({len(todo) / max(elapsed, 1e-9):.1f} clips/s)"
+              + (", grey: every frame has R == G == B" if meta["grey"] else ""))
         print(ClipCache(out).summary())
         print(failure_report(meta))
     return meta
@@ -818,6 +1039,41 @@ def _finalise_labels(entries, seed, meta_test_fraction, val_fraction, fixed) -> 
     for e, s in zip(entries, splits):
         e["split"] = s if e["status"] == "ok" else None
     return {"classes": classes, "class_split": class_split, "empty_classes": empty}
+
+
+def _all_grey(entries: list[dict], clips: np.ndarray) -> bool:
+    """Whether every decoded clip is grey: the flag each decode returned, or, for rows carried
+    over from a cache made before the flag existed, a look at the row (stored back in its entry)."""
+    ok = [i for i, e in enumerate(entries) if e["status"] == "ok"]
+    for i in ok:
+        if entries[i].get("grey") is None:
+            entries[i]["grey"] = is_grey(clips[i][: max(entries[i]["length"], 1)])
+        if not entries[i]["grey"]:
+            return False
+    return bool(ok)
+
+
+def _data_warnings(entries: list[dict], frames: int) -> list[str]:
+    """What prepare kept but a person should know: classes too small for an episode, still images
+    among videos."""
+    out = []
+    count: dict[str, int] = {}
+    for e in entries:
+        if e["status"] == "ok":
+            for c in e["labels"]:
+                count[c] = count.get(c, 0) + 1
+    single = sorted(c for c, n in count.items() if n == 1)
+    if single:
+        more = f" and {len(single) - 3} more" if len(single) > 3 else ""
+        these = "1 class has" if len(single) == 1 else f"{len(single)} classes have"
+        out.append(f"{these} a single clip (kept; an episode needs several per class): "
+                   + ", ".join(repr(c) for c in single[:3]) + more)
+    ok = [e for e in entries if e["status"] == "ok"]
+    n_images = sum(_is_image(e["path"]) for e in ok)
+    if 0 < n_images < len(ok):
+        out.append(f"{n_images} still images are one-frame clips (repeated to {frames} frames) among "
+                   f"{len(ok) - n_images} videos")
+    return out
 
 
 def failure_report(meta: dict, limit: int = 3) -> str:
@@ -841,6 +1097,7 @@ def failure_report(meta: dict, limit: int = 3) -> str:
         lines += [f"  {c['path']} ({c['length']} frames): {c['warning'][:100]}" for c in warnings[:limit]]
     for c in meta.get("empty_classes", []):
         lines.append(f"empty class (no clip decoded, left out): {c!r}")
+    lines += [f"warning: {w}" for w in meta.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -879,6 +1136,9 @@ class ClipCache:
         self.clip_split = np.array([c.get("split") or "" for c in clips])
         self.lengths = np.array([c["length"] for c in clips], dtype=np.int64)
         self.fps, self.size, self.frames = meta["fps"], meta["size"], meta["frames"]
+        # every decoded frame has R == G == B (Omniglot, say); False where meta.json does not say
+        # (the synthetic benchmark, caches made before the flag)
+        self.grey: bool = bool(meta.get("grey", False))
 
     def _open(self) -> np.memmap:
         path = self.root / "clips.npy"
@@ -934,11 +1194,14 @@ class ClipCache:
             what = "prepared from " + ", ".join(m["sources"])
         n_tr, n_te = len(self.classes_in("meta_train")), len(self.classes_in("meta_test"))
         n_unl = int((self.valid & (self.labels < 0)).sum())
+        n_warn = len(m.get("warnings", []))
         return (f"{what}: {len(self.classes)} classes ({n_tr} meta-train / {n_te} meta-test), "
                 f"{int(self.valid.sum())} clips (train {len(self.indices('train', labelled_only=False))} / "
                 f"val {len(self.indices('val', labelled_only=False))}"
                 + (f", {n_unl} unlabelled" if n_unl else "") + f"), "
-                f"{self.frames} frames {self.size}x{self.size} at {self.fps} FPS, {len(m['failures'])} failures")
+                f"{self.frames} frame{'s' if self.frames != 1 else ''} {self.size}x{self.size} at {self.fps} FPS"
+                + (", grey" if self.grey else "") + f", {len(m['failures'])} failures"
+                + (f", {n_warn} warning{'s' if n_warn != 1 else ''}" if n_warn else ""))
 
 
 def labelled_subset(cache: ClipCache, indices, fraction: float, seed: int) -> np.ndarray:
@@ -1775,7 +2038,8 @@ def info(root) -> str:
     """What `python data.py info DIR` prints: the summary, classes with their clip counts per
     split, and the failure report."""
     cache = ClipCache(root)
-    lines = [cache.summary(), "", f"{'class':40s} {'meta split':10s} {'train':>6s} {'val':>6s}"]
+    grey = "yes, every decoded frame has R == G == B" if cache.grey else "no"
+    lines = [cache.summary(), f"grey: {grey}", "", f"{'class':40s} {'meta split':10s} {'train':>6s} {'val':>6s}"]
     for c, name in enumerate(cache.classes):
         mine = cache.valid & (cache.labels == c)
         n_train = int((mine & (cache.clip_split == "train")).sum())
@@ -1821,17 +2085,19 @@ def main(argv=None) -> int:
     s.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
     s.add_argument("--mp4", action="store_true", help="also write every clip as OUT/videos/<class>/<k>.mp4")
 
-    r = sub.add_parser("prepare", help="decode real videos into a clip cache",
+    r = sub.add_parser("prepare", help="decode real videos (and images) into a clip cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="source kinds:\n  " + "\n  ".join(SOURCE_KINDS.values()))
     r.add_argument("--source", action="append", required=True, metavar="KIND:PATH[:ANNOTATIONS]",
-                   help="a video source (repeatable; several sources make one composite dataset)")
+                   help="a video or image source (repeatable; several sources make one composite dataset)")
     r.add_argument("--out", required=True, help="cache directory; an existing one is resumed")
     r.add_argument("--size", type=int, default=64, help="frame side after short-side resize + centre crop (default 64)")
     r.add_argument("--fps", type=float, default=10, help="frame rate to resample to (default 10, paper 4.1)")
-    r.add_argument("--frames", type=int, default=100, help="frames per clip; longer clips keep the centre or the "
-                                                            "annotated window, shorter ones are padded (default 100)")
-    r.add_argument("--workers", type=int, default=None, help="parallel ffmpeg processes (default: one per CPU core)")
+    r.add_argument("--frames", type=int, default=None,
+                   help="frames per clip; longer clips keep the centre or the annotated window, shorter ones (and "
+                        "images) are padded (default 100; 1 when every file is an image)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="parallel decoders: ffmpeg processes for videos, threads for images (default: one per CPU core)")
     r.add_argument("--seed", type=int, default=0, help="for the class and clip splits (default 0)")
     r.add_argument("--meta-test-fraction", type=float, default=0.2, help="classes held out for meta-test (default 0.2)")
     r.add_argument("--val-fraction", type=float, default=0.2, help="clips per class for validation (default 0.2)")

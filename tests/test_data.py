@@ -1,6 +1,7 @@
 """Tests for data.py: decoding, source readers, the clip cache, the synthetic benchmark, loading,
-augmentation and episodes. Every fixture is written here (mp4 through imageio, a GIF, CSV, JSON,
-list files); the real clips in ../shared/data are used when present and skipped otherwise.
+augmentation and episodes. Every fixture is written here (mp4 through imageio, a GIF, images in
+every Pillow mode, CSV, JSON, list files); the real clips and Omniglot in ../shared/data are used
+when present and skipped otherwise.
 
     python -m pytest tests/test_data.py -q --durations=10
 """
@@ -163,6 +164,136 @@ def test_decode_truncated_file(tmp_path):
 def test_decode_directory_is_an_error(tmp_path):
     with pytest.raises(DecodeError, match="directory"):
         data.decode_video(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# still images: Pillow, one-frame clips
+
+
+def write_image(path, im, **save_kw) -> Path:
+    """A PIL image (or an (H, W[, C]) uint8 array) -> a file whose format follows the extension."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (Image.fromarray(im) if isinstance(im, np.ndarray) else im).save(path, **save_kw)
+    return path
+
+
+def _modes():
+    """(name, file, PIL image, expected RGB at the centre, grey) for every mode conversion."""
+    from PIL import Image
+
+    half = np.zeros((24, 24), np.uint8)
+    half[:, 12:] = 255
+    p = Image.new("P", (24, 24), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    ramp16 = np.full((24, 24), 40000, np.uint16)  # 40000 / 65535 * 255 = 155.6
+    wide = np.full((24, 24), 100000, np.int32)
+    wide[:, 12:] = 300000  # beyond 16 bits: scaled by its own range
+    return [
+        ("1", "a.png", Image.fromarray(half).convert("1"), [(6, 0), (17, 255)], True),
+        ("L", "a.png", Image.new("L", (24, 24), 100), [(12, 100)], True),
+        ("P", "a.png", p, [(12, (255, 0, 0))], False),
+        ("P transparent", "t.png", p, [(12, 255)], True),  # saved with transparency=1: white
+        ("CMYK", "a.tif", Image.new("CMYK", (24, 24), (0, 255, 255, 0)), [(12, (255, 0, 0))], False),
+        ("RGBA clear", "a.png", Image.new("RGBA", (24, 24), (255, 0, 0, 0)), [(12, 255)], True),
+        ("RGBA half", "a.png", Image.new("RGBA", (24, 24), (0, 0, 0, 128)), [(12, 127)], True),
+        ("RGBA opaque", "a.png", Image.new("RGBA", (24, 24), (0, 0, 255, 255)), [(12, (0, 0, 255))], False),
+        ("LA", "a.png", Image.new("LA", (24, 24), (0, 128)), [(12, 127)], True),
+        ("I;16", "a.png", Image.fromarray(ramp16), [(12, 156)], True),  # convert('L') would give 255
+        ("I 16-bit values", "a.tif", Image.fromarray(ramp16.astype(np.int32)), [(12, 156)], True),
+        ("I wide", "a.tif", Image.fromarray(wide), [(6, 0), (17, 255)], True),
+        ("RGB jpeg", "a.jpg", Image.new("RGB", (24, 24), (200, 30, 30)), [(12, (200, 30, 30))], False),
+        ("bmp", "a.bmp", Image.new("RGB", (24, 24), (10, 20, 30)), [(12, (10, 20, 30))], False),
+        ("webp", "a.webp", Image.new("RGB", (24, 24), (10, 200, 30)), [(12, (10, 200, 30))], False),
+        ("pgm", "a.pgm", Image.new("L", (24, 24), 77), [(12, 77)], True),
+    ]
+
+
+@pytest.mark.parametrize("case", _modes(), ids=lambda c: c[0])
+def test_decode_image_any_mode_becomes_8bit_rgb(tmp_path, case):
+    name, file, im, expect, grey = case
+    path = write_image(tmp_path / file, im, **({"transparency": 1} if "transparent" in name else {}))
+    video, length, warning, is_grey = data._decode_image(path, size=24, frames=1)
+    assert video.shape == (1, 24, 24, 3) and video.dtype == np.uint8 and length == 1 and warning is None
+    assert is_grey == grey == data.is_grey(video)
+    tol = 6 if file.endswith((".jpg", ".webp")) else 1
+    for x, rgb in expect:
+        np.testing.assert_allclose(video[0, 12, x].astype(int), np.broadcast_to(rgb, 3), atol=tol)
+
+
+def test_decode_image_is_one_frame_padded_to_frames(tmp_path):
+    path = write_image(tmp_path / "a.png", noise_clip(1, 0, 30, 40)[0])
+    video, length = data.decode_image(path, size=16, frames=5)
+    assert video.shape == (5, 16, 16, 3) and length == 1 and (video == video[0]).all()
+    assert data.decode_image(path, size=16)[0].shape == (1, 16, 16, 3)
+
+
+def test_decode_image_geometry_is_the_video_paths(tmp_path):
+    # quarters red, green, blue, white across a 64x32 image: the centre square holds green and blue
+    frame = np.zeros((32, 64, 3), np.uint8)
+    for q, col in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]):
+        frame[:, q * 16: (q + 1) * 16] = col
+    video, _ = data.decode_image(write_image(tmp_path / "wide.png", frame), size=16)
+    row = video[0, 8].astype(int)
+    assert (row[:6, 1] > 200).all() and (row[-6:, 2] > 200).all() and (row[:, 0] < 30).all()
+    tall, _ = data.decode_image(write_image(tmp_path / "tall.png", frame.transpose(1, 0, 2).copy()), size=16)
+    assert (tall[0, :6, 8, 1] > 200).all() and (tall[0, -6:, 8, 2] > 200).all()
+    # the same picture as a video (a smooth ramp survives H.264) lands on the same pixels
+    y, x = np.mgrid[0:48, 0:96]
+    ramp_img = np.stack([x * 255 // 95, y * 255 // 47, 255 - x * 255 // 95], -1).astype(np.uint8)
+    still, _ = data.decode_image(write_image(tmp_path / "ramp.png", ramp_img), size=16)
+    moving, _ = data.decode_video(write_video(tmp_path / "ramp.mp4", np.stack([ramp_img] * 10), fps=10),
+                                  size=16, fps=10, frames=1)
+    assert np.abs(still.astype(int) - moving.astype(int)).mean() < 4
+    assert 55 < still[0, :, 0, 0].mean() < 75  # the centre crop starts a quarter of the way in
+
+
+def test_decode_image_enlarges_small_images_smoothly(tmp_path):
+    img = np.zeros((8, 8), np.uint8)
+    img[:, 4:] = 255
+    video, _ = data.decode_image(write_image(tmp_path / "small.png", img), size=32)
+    assert video.shape == (1, 32, 32, 3)
+    assert len(np.unique(video[0, 16, :, 0])) > 3  # bilinear: a ramp at the edge, not blocks
+
+
+def test_decode_image_applies_exif_orientation(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((20, 40), np.uint8)
+    img[:, 20:] = 255  # stored: left black, right white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: top black, bottom white
+    video, _ = data.decode_image(write_image(tmp_path / "phone.jpg", Image.fromarray(img), exif=exif), size=20)
+    assert video[0, :8].mean() < 30 and video[0, -8:].mean() > 225
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("empty.png", b"", "empty file"),
+    ("random.png", os.urandom(3000), "not an image"),
+    ("text.jpg", b"hello, not an image\n", "not an image"),
+    ("header_only.png", "png[:40]", "truncated image"),
+    ("half.jpg", "jpg[:half]", "truncated image"),
+    ("flipped.png", "png[corrupt]", "corrupt image"),
+])
+def test_decode_image_errors_name_the_file_and_reason(tmp_path, name, content, reason):
+    if isinstance(content, str):
+        img = noise_clip(1, 0, 40, 40)[0]
+        whole = write_image(tmp_path / ("whole" + Path(name).suffix), img).read_bytes()
+        if content == "png[:40]":
+            content = whole[:60]
+        elif content == "jpg[:half]":
+            content = whole[: len(whole) // 2]
+        else:  # zeros over the compressed pixels, chunk checksums kept
+            content = whole[:100] + bytes(200) + whole[300:]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DecodeError) as e:
+        data.decode_image(path)
+    assert str(path) in str(e.value) and e.value.reason.startswith(reason)
+    with pytest.raises(DecodeError, match="directory"):
+        data.decode_image(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -433,6 +564,149 @@ def test_split_list_that_names_no_class_in_the_data(videos, tmp_path):
     meta = data.prepare([f"folder:{videos}"], tmp_path / "c", size=16, frames=4,
                         split_lists=[str(tmp_path / "test.list")], verbose=False)
     assert dict(zip(meta["classes"], meta["class_split"])) == {"juggling": "meta_test", "playing guitar": "meta_train"}
+
+
+# -----------------------------------------------------------------------------
+# prepare with images: classes from folders, one-frame clips, grey, bad files, split lists
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An Omniglot-like tree (<alphabet>/<character>/*.png, 1-bit) plus a `<class>/<image>` class
+    of grey JPEGs, a class of one image, bad files, and folders to skip."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for alphabet, chars in (("Alphabet_of_the_Magi", 2), ("Angelic", 1)):
+        for c in range(1, chars + 1):
+            for k in range(3):
+                ink = rng.random((30, 30)) > 0.7
+                write_image(root / alphabet / f"character{c:02d}" / f"07{c:02d}_{k:02d}.png",
+                            Image.fromarray(~ink).convert("1"))
+    for k in range(3):
+        write_image(root / "Grey_Shapes" / f"{k}.jpg", (rng.random((20, 28)) * 255).astype(np.uint8))
+    write_image(root / "lonely" / "only.png", np.full((10, 10), 50, np.uint8))
+    (root / "Grey_Shapes" / "zero.png").write_bytes(b"")
+    (root / "Grey_Shapes" / "fake.jpg").write_text("not an image")
+    whole = write_image(root / "whole.png", noise_clip(1, 0, 30, 30)[0].mean(-1).astype(np.uint8)).read_bytes()
+    (root / "whole.png").unlink()
+    (root / "Angelic" / "character01" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    write_image(root / "loose.png", np.zeros((8, 8), np.uint8))  # not in a class folder
+    write_image(root / "Grey_Shapes" / ".thumbnails" / "0.png", np.zeros((8, 8), np.uint8))  # hidden: skipped
+    write_image(root / "__MACOSX" / "Grey_Shapes" / "x.png", np.zeros((8, 8), np.uint8))  # unzip debris: skipped
+    return root
+
+
+def test_read_folder_names_image_classes_by_their_folder(images):
+    records, failures = data.read_folder(images)
+    labels = {Path(r.path).relative_to(images).as_posix(): r.labels[0] for r in records}
+    assert labels["Alphabet_of_the_Magi/character01/0701_00.png"] == "alphabet of the magi/character01"
+    assert labels["Alphabet_of_the_Magi/character02/0702_02.png"] == "alphabet of the magi/character02"
+    assert labels["Angelic/character01/cut.png"] == "angelic/character01"
+    assert labels["Grey_Shapes/1.jpg"] == labels["Grey_Shapes/zero.png"] == "grey shapes"  # `<class>/<image>`
+    assert labels["lonely/only.png"] == "lonely" and len(labels) == 16
+    assert [Path(f["file"]).name for f in failures] == ["loose.png"] and "class folder" in failures[0]["reason"]
+    assert data.normalise_class_path("Alphabet_of_the_Magi/character01/") == "alphabet of the magi/character01"
+    assert data.normalise_class_path("./Alphabet_of_the_Magi//character01") == "alphabet of the magi/character01"
+
+
+def test_prepare_images_one_frame_grey_and_bad_files(images, tmp_path, capsys):
+    out = tmp_path / "cache"
+    meta = data.prepare([f"folder:{images}"], out, size=12, workers=2, meta_test_fraction=0.25)
+    cache = data.ClipCache(out)
+    assert meta["frames"] == 1 and cache.clips.shape == (len(meta["clips"]), 1, 12, 12, 3)  # the default for images
+    assert cache.classes == ["alphabet of the magi/character01", "alphabet of the magi/character02",
+                             "angelic/character01", "grey shapes", "lonely"]
+    assert (cache.lengths[cache.valid] == 1).all() and cache.grey and meta["grey"] is True
+    failed = {Path(f["file"]).name: f["reason"] for f in meta["failures"]}
+    assert set(failed) == {"zero.png", "fake.jpg", "cut.png", "loose.png"}
+    assert failed["zero.png"].startswith("empty file") and failed["fake.jpg"].startswith("not an image")
+    assert failed["cut.png"].startswith("truncated image")
+    assert int(cache.valid.sum()) == 6 + 3 + 3 + 1  # every good file kept
+    assert any("1 class has a single clip" in w and "'lonely'" in w for w in meta["warnings"])
+    printed = capsys.readouterr().out
+    assert "16 clips (16 still images, 1-frame clips)" in printed
+    assert "warning: 1 class has a single clip" in printed and "fake.jpg" in printed
+    assert "1 frame 12x12" in cache.summary() and ", grey," in cache.summary() and "1 warning" in cache.summary()
+    assert "grey: yes" in data.info(out)
+    ink = np.asarray(cache.clips[cache.labels == 0])
+    assert ink.min() < 100 and ink.max() == 255  # 1-bit ink on white paper became 0..255, not 0..1
+
+
+def test_prepare_colour_images_and_explicit_frames(tmp_path):
+    write_image(tmp_path / "imgs" / "a" / "grey.png", np.full((16, 16), 90, np.uint8))
+    write_image(tmp_path / "imgs" / "a" / "red.png", np.full((16, 16, 3), (200, 0, 0), np.uint8))
+    write_image(tmp_path / "imgs" / "b" / "rgba.png", np.full((16, 16, 4), (0, 0, 0, 0), np.uint8))
+    write_image(tmp_path / "imgs" / "b" / "deep.png", np.full((16, 16), 65535, np.uint16))
+    meta = data.prepare([f"folder:{tmp_path / 'imgs'}"], tmp_path / "c", size=8, frames=3, verbose=False)
+    cache = data.ClipCache(tmp_path / "c")
+    assert cache.clips.shape == (4, 3, 8, 8, 3) and (cache.lengths == 1).all()  # an explicit --frames wins
+    assert not cache.grey and meta["grey"] is False
+    px = {Path(c["path"]).name: tuple(cache.clips[i, 2, 4, 4]) for i, c in enumerate(meta["clips"])}
+    assert px == {"grey.png": (90,) * 3, "red.png": (200, 0, 0), "rgba.png": (255,) * 3, "deep.png": (255,) * 3}
+
+
+def test_prepare_list_source_of_images(tmp_path):
+    for k in range(2):
+        write_image(tmp_path / "pics" / f"{k}.png", np.full((12, 12), 40 * k, np.uint8))
+    (tmp_path / "train.txt").write_text("pics/0.png cat\npics/1.png dog\n")
+    meta = data.prepare([f"list:{tmp_path}:{tmp_path / 'train.txt'}"], tmp_path / "c", size=8, verbose=False)
+    assert meta["frames"] == 1 and meta["classes"] == ["cat", "dog"] and not meta["failures"]
+
+
+def test_prepare_folder_mixing_images_and_videos(tmp_path, capsys):
+    root = tmp_path / "mixed"
+    write_video(root / "waving" / "a.mp4", noise_clip(20, 0), fps=10)
+    write_video(root / "waving" / "b.mp4", noise_clip(20, 1), fps=10)
+    write_image(root / "waving" / "still.png", noise_clip(1, 2, 20, 20)[0])
+    write_image(root / "waving" / "deeper" / "still2.png", noise_clip(1, 3, 20, 20)[0])
+    meta = data.prepare([f"folder:{root}"], tmp_path / "c", size=8, workers=2)
+    cache = data.ClipCache(tmp_path / "c")
+    assert meta["frames"] == 100  # any video: the video default
+    by = {Path(c["path"]).name: (i, c) for i, c in enumerate(meta["clips"])}
+    assert {n: c["length"] for n, (_, c) in by.items()} == {"a.mp4": 20, "b.mp4": 20, "still.png": 1, "still2.png": 1}
+    assert by["still.png"][1]["labels"] == ["waving"] and by["still2.png"][1]["labels"] == ["waving/deeper"]
+    i = by["still.png"][0]
+    assert (cache.clips[i] == cache.clips[i, 0]).all()  # one frame, repeated
+    assert "warning: 2 still images are one-frame clips (repeated to 100 frames) among 2 videos" \
+        in capsys.readouterr().out
+
+
+def test_prepare_resumes_images_and_opens_caches_without_the_grey_flag(images, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    data.prepare([f"folder:{images}"], out, size=12, workers=1, verbose=False)
+    before = np.load(out / "clips.npy").copy()
+    calls = []
+    real = data._decode_image
+    monkeypatch.setattr(data, "_decode_image", lambda *a, **k: calls.append(Path(a[0]).name) or real(*a, **k))
+    data.prepare([f"folder:{images}"], out, size=12, workers=1, verbose=False)
+    assert calls == []
+    data.prepare([f"folder:{images}"], out, size=12, workers=1, verbose=False, retry_failed=True)
+    assert sorted(calls) == ["cut.png", "fake.jpg", "zero.png"]
+    # a cache made before the flag existed: no "grey" anywhere; it opens (not grey) and a resume
+    # works the flag out from the stored rows without decoding anything
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["grey"]
+    for c in meta["clips"]:
+        del c["grey"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert data.ClipCache(out).grey is False
+    calls.clear()
+    again = data.prepare([f"folder:{images}"], out, size=12, workers=1, verbose=False)
+    assert calls == [] and again["grey"] is True and data.ClipCache(out).grey
+    np.testing.assert_array_equal(np.load(out / "clips.npy"), before)
+    with pytest.raises(DataError, match=r"frames=1.*frames=100 \(--frames defaults to 1 when every clip is an image"):
+        write_video(tmp_path / "v" / "waving" / "a.mp4", noise_clip(10, 0), fps=10)
+        data.prepare([f"folder:{images}", f"folder:{tmp_path / 'v'}"], out, size=12, verbose=False)
+
+
+def test_synthetic_and_video_caches_are_not_grey(synth, videos, tmp_path):
+    assert synth.grey is False and "grey" not in synth.meta
+    meta = data.prepare([f"folder:{videos}"], tmp_path / "c", size=16, frames=4, verbose=False)
+    assert meta["grey"] is False and all(c["grey"] is False for c in meta["clips"] if c["status"] == "ok")
+    write_video(tmp_path / "g" / "grey" / "a.mp4", ramp(10), fps=10)  # solid grey frames
+    assert data.prepare([f"folder:{tmp_path / 'g'}"], tmp_path / "g2", size=16, frames=4, verbose=False)["grey"]
 
 
 def test_failure_report_groups_by_kind_of_reason():
@@ -838,3 +1112,30 @@ def test_real_annotation_files_parse(tmp_path):
                                        tmp_path, names)
     assert [r.labels for r in records] == [["abseiling", "applauding"], ["abseiling", "answering questions",
                                                                           "applying cream"]]
+
+
+OMNIGLOT = SHARED / "omniglot" / "images_background.zip"
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_file(), reason="../shared/data/omniglot/images_background.zip not present")
+def test_real_omniglot_alphabets_prepare(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(OMNIGLOT) as z:
+        names = [n for n in z.namelist() if n.endswith(".png")]
+        per_alphabet = {}
+        for n in names:
+            per_alphabet.setdefault(n.split("/")[1], []).append(n)
+        two = sorted(per_alphabet, key=lambda a: (len(per_alphabet[a]), a))[:2]  # the two smallest
+        members = [n for a in two for n in per_alphabet[a]]
+        z.extractall(tmp_path, members)
+    meta = data.prepare([f"folder:{tmp_path / 'images_background'}"], tmp_path / "c", size=20, workers=1,
+                        verbose=False)
+    cache = data.ClipCache(tmp_path / "c")
+    n_chars = len({n.rsplit("/", 1)[0] for n in members})
+    assert cache.clips.shape == (len(members), 1, 20, 20, 3) and not meta["failures"] and not meta["warnings"]
+    assert len(cache.classes) == n_chars and len(members) == 20 * n_chars and cache.grey
+    assert all(c.split("/")[0] in {data.normalise_class(a) for a in two} for c in cache.classes)
+    assert cache.classes[0].split("/")[1] == "character01"
+    paper = np.asarray(cache.clips).mean()
+    assert 200 < paper < 255  # black strokes on white paper
