@@ -786,10 +786,11 @@ def split_clips(primary: list[str | None], hints: list[str | None], val_fraction
     return out
 
 
-def read_split_lists(specs: list[str]) -> dict[str, str]:
-    """`--split-list [meta_train=|meta_test=]FILE`: class -> meta split. Lines may be class names
-    or `class name/video id`; without a prefix the file name decides (test -> meta_test)."""
-    fixed: dict[str, str] = {}
+def read_split_lists(specs: list[str]) -> list[tuple[str, str, str]]:
+    """`--split-list [meta_train=|meta_test=]FILE` -> (meta split, line, file) for every non-empty
+    line; without a prefix the file name decides (test -> meta_test). `resolve_split_lists` then
+    finds the classes the lines name."""
+    listed = []
     for spec in specs:
         split, sep, file = spec.partition("=")
         if not sep:
@@ -800,13 +801,44 @@ def read_split_lists(specs: list[str]) -> dict[str, str]:
         if split not in ("meta_train", "meta_test"):
             raise DataError(f"--split-list {spec}: the prefix must be meta_train= or meta_test=")
         path = _existing(file, "split list", want_dir=False)
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                c = normalise_class(line.rsplit("/", 1)[0] if "/" in line else line)
-                if fixed.get(c, split) != split:
-                    raise DataError(f"class {c!r} is listed as both meta_train and meta_test (last in {path})")
-                fixed[c] = split
-    return fixed
+        listed += [(split, line.strip(), str(path)) for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    return listed
+
+
+def resolve_split_lists(listed: list[tuple[str, str, str]], present) -> tuple[dict[str, str], list[str]]:
+    """Split-list lines against the classes in the data -> ({class: meta split}, lines that name none).
+
+    A line (normalised part by part, as folder-source classes are) names, in this order:
+    a class ('Alphabet_of_the_Magi/character01', 'juggling'); a folder of classes, every class
+    under it ('Alphabet_of_the_Magi' holds out the whole alphabet); or `class/file`, the class
+    without the last part ('Alphabet_of_the_Magi/character01/0709_01.png', CMN's
+    'juggling/abc_000001_000011'). A class given both splits is an error.
+    """
+    present = set(present)
+    under: dict[str, list[str]] = {}  # folder -> the classes inside it
+    for c in sorted(present):
+        parts = c.split("/")
+        for k in range(1, len(parts)):
+            under.setdefault("/".join(parts[:k]), []).append(c)
+    fixed: dict[str, str] = {}
+    unmatched: list[str] = []
+    for split, line, file in listed:
+        name = normalise_class_path(line)
+        parent = name.rsplit("/", 1)[0] if "/" in name else None
+        if name in present:
+            classes = [name]
+        elif name in under:
+            classes = under[name]
+        elif parent in present:
+            classes = [parent]
+        else:
+            unmatched.append(line)
+            continue
+        for c in classes:
+            if fixed.setdefault(c, split) != split:
+                raise DataError(f"class {c!r} is listed as both meta_train and meta_test (last in {file}: {line!r})")
+    return fixed, unmatched
 
 
 # -----------------------------------------------------------------------------
@@ -925,15 +957,15 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
     if not records:
         reasons = "; ".join(f"{f['file']}: {f['reason']}" for f in read_failures[:3])
         raise DataError(f"no clips found in {', '.join(sources)}" + (f" ({reasons})" if reasons else ""))
-    fixed = read_split_lists(list(split_lists))
+    listed = read_split_lists(list(split_lists))
+    fixed, unmatched = resolve_split_lists(listed, {c for r in records for c in r.labels})
     for r in records:  # split hints carried by splitlist sources
         for c in r.labels:
             if r.class_split_hint and fixed.setdefault(c, r.class_split_hint) != r.class_split_hint:
                 raise DataError(f"class {c!r} is in both a meta-train and a meta-test split list")
-    present = {c for r in records for c in r.labels}
-    listed_test = {c for c, s in fixed.items() if s == "meta_test"}
-    if fixed and not listed_test & present:
-        example = f" (e.g. {sorted(listed_test)[0]!r})" if listed_test else ""
+    if (listed or fixed) and "meta_test" not in fixed.values():
+        tests = [line for split, line, _ in listed if split == "meta_test"]
+        example = f" (e.g. {next((x for x in tests if x in unmatched), tests[0])!r})" if tests else ""
         raise DataError(f"the split lists name no meta-test class that is in the data{example}; "
                         f"check --split-list against the sources' class names")
     n_images = sum(_is_image(r.path) for r in records)
@@ -1012,7 +1044,7 @@ def prepare(sources: list[str], out, size: int = 64, fps: float = 10, frames: in
 
     meta.update(_finalise_labels(entries, seed, meta_test_fraction, val_fraction, fixed))
     meta["grey"] = _all_grey(entries, clips)
-    meta["warnings"] = _data_warnings(entries, frames)
+    meta["warnings"] = _data_warnings(entries, frames, unmatched)
     meta["complete"] = True
     meta["decode_seconds"] = round(elapsed, 2)
     _save_meta(out, meta, read_failures)
@@ -1053,9 +1085,9 @@ def _all_grey(entries: list[dict], clips: np.ndarray) -> bool:
     return bool(ok)
 
 
-def _data_warnings(entries: list[dict], frames: int) -> list[str]:
+def _data_warnings(entries: list[dict], frames: int, unmatched_split_lines: list[str]) -> list[str]:
     """What prepare kept but a person should know: classes too small for an episode, still images
-    among videos."""
+    among videos, split-list lines that matched no class."""
     out = []
     count: dict[str, int] = {}
     for e in entries:
@@ -1073,6 +1105,9 @@ def _data_warnings(entries: list[dict], frames: int) -> list[str]:
     if 0 < n_images < len(ok):
         out.append(f"{n_images} still images are one-frame clips (repeated to {frames} frames) among "
                    f"{len(ok) - n_images} videos")
+    if unmatched_split_lines:
+        out.append(f"{len(unmatched_split_lines)} split-list lines name no class in the data (e.g. "
+                   f"{unmatched_split_lines[0]!r})")
     return out
 
 
@@ -2102,7 +2137,8 @@ def main(argv=None) -> int:
     r.add_argument("--meta-test-fraction", type=float, default=0.2, help="classes held out for meta-test (default 0.2)")
     r.add_argument("--val-fraction", type=float, default=0.2, help="clips per class for validation (default 0.2)")
     r.add_argument("--split-list", action="append", default=[], metavar="[meta_train=|meta_test=]FILE",
-                   help="take the class split from a list (class names, or `class/video` lines); listed classes get "
+                   help="take the class split from a list (a line is a class, e.g. `juggling` or "
+                        "`Alphabet_of_the_Magi/character01`, a folder of classes, or `class/file`); listed classes get "
                         "that split, all others meta-train; without a prefix, a file named *test* is meta-test")
     r.add_argument("--class-list", default=None, metavar="FILE",
                    help="allowed class names, one a line (e.g. label_map_k400.txt); integer labels in list files "

@@ -709,6 +709,52 @@ def test_synthetic_and_video_caches_are_not_grey(synth, videos, tmp_path):
     assert data.prepare([f"folder:{tmp_path / 'g'}"], tmp_path / "g2", size=16, frames=4, verbose=False)["grey"]
 
 
+def test_resolve_split_lists_names_classes_folders_and_files():
+    present = {"alphabet of the magi/character01", "alphabet of the magi/character02", "angelic/character01",
+               "angelic/character02", "juggling", "playing guitar"}
+    listed = [("meta_test", "Alphabet_of_the_Magi/character01", "a"),  # a class
+              ("meta_test", "Angelic", "a"),  # a folder: every class in it
+              ("meta_test", "Alphabet_of_the_Magi/character02/0709_01.png", "a"),  # class/file
+              ("meta_test", "juggling/abc_000001_000011", "a"),  # class name/video id (CMN)
+              ("meta_test", "Playing_Guitar", "a"),
+              ("meta_test", "Sanskrit/character01", "a")]  # not in the data
+    fixed, unmatched = data.resolve_split_lists(listed, present)
+    assert fixed == {c: "meta_test" for c in present} and unmatched == ["Sanskrit/character01"]
+    with pytest.raises(DataError, match="'angelic/character01' is listed as both"):
+        data.resolve_split_lists(listed + [("meta_train", "angelic/character01/x.png", "b")], present)
+
+
+def test_split_list_holds_out_a_second_folder_source(tmp_path, capsys):
+    """Omniglot as distributed: background and evaluation sets as two folder sources, the
+    evaluation characters listed one a line (the README's `ls -d */*`) as meta-test."""
+    for part, alphabets in (("images_background", ("Latin", "Greek")), ("images_evaluation", ("Kannada", "Atlantean"))):
+        for a in alphabets:
+            for c in (1, 2):
+                for k in range(2):
+                    write_image(tmp_path / part / a / f"character{c:02d}" / f"{k}.png", np.full((9, 9), 30 * c, np.uint8))
+    ev = tmp_path / "images_evaluation"
+    listing = sorted(f"{a.name}/{c.name}" for a in ev.iterdir() for c in a.iterdir())
+    (tmp_path / "eval_classes.txt").write_text("\n".join(listing) + "\n")
+    assert data.main(["prepare", "--source", f"folder:{tmp_path / 'images_background'}", "--source",
+                      f"folder:{ev}", "--split-list", f"meta_test={tmp_path / 'eval_classes.txt'}", "--size", "8",
+                      "--out", str(tmp_path / "c"), "--workers", "1"]) == 0
+    cache = data.ClipCache(tmp_path / "c")
+    test = {cache.classes[c] for c in cache.classes_in("meta_test")}
+    assert test == {"kannada/character01", "kannada/character02", "atlantean/character01", "atlantean/character02"}
+    assert len(cache.classes_in("meta_train")) == 4 and cache.frames == 1
+    assert "warning" not in capsys.readouterr().out
+    # whole alphabets, one a line, do the same
+    (tmp_path / "eval_alphabets.txt").write_text("Kannada\nAtlantean\n")
+    meta = data.prepare([f"folder:{tmp_path / 'images_background'}", f"folder:{ev}"], tmp_path / "c2", size=8,
+                        split_lists=[f"meta_test={tmp_path / 'eval_alphabets.txt'}"], verbose=False)
+    assert {c for c, s in zip(meta["classes"], meta["class_split"]) if s == "meta_test"} == test
+    # a list naming nothing in the data: today's error, naming a line
+    (tmp_path / "other.txt").write_text("Sanskrit/character01\n")
+    with pytest.raises(DataError, match="name no meta-test class.*'Sanskrit/character01'"):
+        data.prepare([f"folder:{ev}"], tmp_path / "c3", size=8, split_lists=[f"meta_test={tmp_path / 'other.txt'}"],
+                     verbose=False)
+
+
 def test_failure_report_groups_by_kind_of_reason():
     meta = {"failures": [data._failure(f"a.csv:{i}", f"video not found: no id{i}_000001_000011.* under /x")
                          for i in range(50)] + [data._failure("b.mp4", "empty file (0 bytes)")]}
