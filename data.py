@@ -1106,8 +1106,9 @@ def _data_warnings(entries: list[dict], frames: int, unmatched_split_lines: list
         out.append(f"{n_images} still images are one-frame clips (repeated to {frames} frames) among "
                    f"{len(ok) - n_images} videos")
     if unmatched_split_lines:
-        out.append(f"{len(unmatched_split_lines)} split-list lines name no class in the data (e.g. "
-                   f"{unmatched_split_lines[0]!r})")
+        n = len(unmatched_split_lines)
+        these = "1 split-list line names" if n == 1 else f"{n} split-list lines name"
+        out.append(f"{these} no class in the data (e.g. {unmatched_split_lines[0]!r})")
     return out
 
 

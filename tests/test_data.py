@@ -744,10 +744,11 @@ def test_split_list_holds_out_a_second_folder_source(tmp_path, capsys):
     assert len(cache.classes_in("meta_train")) == 4 and cache.frames == 1
     assert "warning" not in capsys.readouterr().out
     # whole alphabets, one a line, do the same
-    (tmp_path / "eval_alphabets.txt").write_text("Kannada\nAtlantean\n")
+    (tmp_path / "eval_alphabets.txt").write_text("Kannada\nAtlantean\nSanskrit\n")
     meta = data.prepare([f"folder:{tmp_path / 'images_background'}", f"folder:{ev}"], tmp_path / "c2", size=8,
                         split_lists=[f"meta_test={tmp_path / 'eval_alphabets.txt'}"], verbose=False)
     assert {c for c, s in zip(meta["classes"], meta["class_split"]) if s == "meta_test"} == test
+    assert meta["warnings"] == ["1 split-list line names no class in the data (e.g. 'Sanskrit')"]
     # a list naming nothing in the data: today's error, naming a line
     (tmp_path / "other.txt").write_text("Sanskrit/character01\n")
     with pytest.raises(DataError, match="name no meta-test class.*'Sanskrit/character01'"):
