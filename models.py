@@ -841,22 +841,25 @@ def least_used(usage: Tensor, n: int) -> Tensor:
     return torch.zeros_like(usage).scatter_(1, idx, 1.0)
 
 
-def lrua_write(memory: Tensor, usage_prev: Tensor, read_weights_prev: Tensor, alpha: Tensor, key: Tensor
+def lrua_write(memory: Tensor, usage_prev: Tensor, read_weights_prev: Tensor, alpha: Tensor, content: Tensor
                ) -> tuple[Tensor, Tensor]:
     """Least recently used access (Santoro sec. 3.2), nh heads at once.
 
     w^w_t = sigmoid(alpha) w^r_{t-1} + (1 - sigmoid(alpha)) w^lu_{t-1}, with w^lu_{t-1} the
     nh least-used slots of w^u_{t-1}; the single least-used slot is cleared, then
-    M_t(i) = M_{t-1}(i) + sum_h w^w_{t,h}(i) k_{t,h}.
+    M_t(i) = M_{t-1}(i) + sum_h w^w_{t,h}(i) a_{t,h}  (a: the read key in Santoro's text, a
+    separate add vector in the published code; see MANNConfig.write_content).
     memory (B, N, M), usage_prev (B, N), read_weights_prev (B, nh, N), alpha (B, nh)
-    (a logit), key (B, nh, M) -> (memory (B, N, M), write weights (B, nh, N)).
+    (a logit), content (B, nh, M) -> (memory (B, N, M), write weights (B, nh, N)).
     """
-    nh = key.shape[1]
-    w_lu = least_used(usage_prev, nh)[:, None, :]  # (B, 1, N)
+    nh = content.shape[1]
+    with torch.no_grad():  # which slots are least used: a discrete choice, no gradient
+        order = torch.sort(usage_prev, dim=-1, stable=True).indices  # (B, N), least used first
+        w_lu = torch.zeros_like(usage_prev).scatter_(1, order[:, :nh], 1.0)  # (B, N)
+        keep = torch.ones_like(usage_prev).scatter_(1, order[:, :1], 0.0)  # (B, N), 0 at the least used
     a = torch.sigmoid(alpha)[..., None]  # (B, nh, 1)
-    w_write = a * read_weights_prev + (1 - a) * w_lu  # (B, nh, N)
-    cleared = memory * (1 - least_used(usage_prev, 1))[..., None]  # (B, N, M)
-    return cleared + torch.einsum("bhn,bhm->bnm", w_write, key), w_write
+    w_write = a * read_weights_prev + (1 - a) * w_lu[:, None, :]  # (B, nh, N)
+    return memory * keep[..., None] + torch.bmm(w_write.transpose(1, 2), content), w_write
 
 
 def lrua_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float) -> Tensor:
@@ -869,39 +872,58 @@ def lrua_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor, 
 
 
 class LSTMController(nn.Module):
-    """One LSTM step, written out: the four gates from a single matrix product."""
+    """One LSTM step, written out. The gates' matrix product W [inputs; h] + b is split in two,
+    as torch.nn.LSTM splits weight_ih and weight_hh: `ih` for the inputs known before an
+    episode runs (the clip embedding and the label, which the MANN projects for all steps in one
+    product) and `hh` for what comes from the previous step (the reads r_{t-1}, then h_{t-1})."""
 
-    def __init__(self, input_size: int, hidden_size: int, forget_bias: float = 1.0):
+    def __init__(self, input_size: int, hidden_size: int, recurrent_size: int = 0, forget_bias: float = 1.0):
         super().__init__()
         self.hidden_size = hidden_size
-        self.gates = nn.Linear(input_size + hidden_size, 4 * hidden_size)
+        self.ih = nn.Linear(input_size, 4 * hidden_size)
+        self.hh = nn.Linear(recurrent_size + hidden_size, 4 * hidden_size, bias=False)
         bound = hidden_size ** -0.5  # torch.nn.LSTM's initialisation ...
-        nn.init.uniform_(self.gates.weight, -bound, bound)
-        nn.init.zeros_(self.gates.bias)
+        nn.init.uniform_(self.ih.weight, -bound, bound)
+        nn.init.uniform_(self.hh.weight, -bound, bound)
+        nn.init.zeros_(self.ih.bias)
         with torch.no_grad():  # ... with a positive forget-gate bias, so memory is kept early on
-            self.gates.bias[hidden_size:2 * hidden_size] = forget_bias
+            self.ih.bias[hidden_size:2 * hidden_size] = forget_bias
 
-    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, in), h, c (B, Hc) -> new (h, c)."""
-        i, f, g, o = self.gates(torch.cat([x, h], dim=-1)).chunk(4, dim=-1)  # 4 x (B, Hc)
+    def cell(self, gates_in: Tensor, recurrent: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """gates_in (B, 4Hc) = ih(inputs); recurrent (B, recurrent_size + Hc) ending with h_{t-1};
+        c (B, Hc) -> new (h, c)."""
+        i, f, g, o = (gates_in + self.hh(recurrent)).chunk(4, dim=-1)  # 4 x (B, Hc), torch's gate order
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
 
+    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole cell: x (B, in), h, c (B, Hc) -> new (h, c)."""
+        return self.cell(self.ih(x), h, c)
+
 
 class ReadHead(nn.Module):
-    """nh read heads: a key (tanh) and a key strength beta (softplus) each; content
+    """nh read heads: a key (tanh) each, and a learned key strength beta (softplus) when
+    `key_strength` > 0 (its initial value; Santoro's equations have none: beta = 1); content
     addressing by cosine similarity, then a weighted read."""
 
-    def __init__(self, controller_size: int, n_heads: int, slot_dim: int):
+    def __init__(self, controller_size: int, n_heads: int, slot_dim: int, key_strength: float = 0.0):
         super().__init__()
-        self.n_heads, self.slot_dim = n_heads, slot_dim
-        self.fc = nn.Linear(controller_size, n_heads * (slot_dim + 1))
+        self.n_heads, self.slot_dim, self.learn_beta = n_heads, slot_dim, key_strength > 0
+        self.fc = nn.Linear(controller_size, n_heads * (slot_dim + self.learn_beta))
+        # Zero biases: at the start h is small, and a random bias would give every input nearly
+        # the same key, which content addressing cannot tell apart.
+        nn.init.zeros_(self.fc.bias)
+        if self.learn_beta:
+            with torch.no_grad():
+                self.fc.bias.view(n_heads, slot_dim + 1)[:, -1] = math.log(math.expm1(key_strength))
 
     def key(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """h (B, Hc) -> key (B, nh, M), beta (B, nh)."""
-        out = self.fc(h).view(h.shape[0], self.n_heads, self.slot_dim + 1)  # (B, nh, M+1)
-        return torch.tanh(out[..., :-1]), F.softplus(out[..., -1])
+        out = self.fc(h).view(h.shape[0], self.n_heads, -1)  # (B, nh, M [+ 1])
+        if self.learn_beta:
+            return torch.tanh(out[..., :-1]), F.softplus(out[..., -1])
+        return torch.tanh(out), out.new_ones(out.shape[:2])
 
     def forward(self, memory: Tensor, key: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
         """-> read weights (B, nh, N), read vectors (B, nh, M)."""
@@ -910,17 +932,22 @@ class ReadHead(nn.Module):
 
 
 class LRUAWriteHead(nn.Module):
-    """Santoro's write: each head writes its read key to a sigmoid-gated mix of the slots
-    it read last step and the least-used slots."""
+    """Santoro's write: each head writes to a sigmoid-gated mix of the slots it read last step
+    and the least-used slots. What it writes is its read key (Santoro's text) or an add vector
+    of its own (tanh; the published reproductions: tristandeleu/ntm-one-shot, snowkylin/ntm)."""
 
-    def __init__(self, controller_size: int, n_heads: int):
+    def __init__(self, controller_size: int, n_heads: int, slot_dim: int = 0, add_vector: bool = False):
         super().__init__()
-        self.alpha = nn.Linear(controller_size, n_heads)
+        self.n_heads, self.add_vector = n_heads, add_vector
+        self.fc = nn.Linear(controller_size, n_heads * (1 + (slot_dim if add_vector else 0)))
+        nn.init.zeros_(self.fc.bias)  # as ReadHead: an input-independent add vector would blur every slot
 
     def forward(self, h: Tensor, key: Tensor, memory: Tensor, usage: Tensor, read_weights_prev: Tensor
                 ) -> tuple[Tensor, Tensor]:
-        """-> (memory (B, N, M), write weights (B, nh, N))."""
-        return lrua_write(memory, usage, read_weights_prev, self.alpha(h), key)
+        """h (B, Hc), key (B, nh, M) -> (memory (B, N, M), write weights (B, nh, N))."""
+        out = self.fc(h).view(h.shape[0], self.n_heads, -1)  # (B, nh, 1 [+ M])
+        content = torch.tanh(out[..., 1:]) if self.add_vector else key
+        return lrua_write(memory, usage, read_weights_prev, out[..., 0], content)
 
 
 class NTMWriteHead(nn.Module):
@@ -959,22 +986,30 @@ class MANNState(NamedTuple):
 
 class MANN(nn.Module):
     """Santoro et al.'s memory-augmented network: an LSTM controller, an external memory
-    read by content, written by LRUA or by NTM heads; logits from [controller, reads]."""
+    read by content, written by LRUA or by NTM heads; logits from [controller, reads].
+    With read_heads = 0 it is a plain LSTM (the memory-free baseline)."""
 
     def __init__(self, cfg: MANNConfig, input_dim: int, n_way: int):
         super().__init__()
         if cfg.write not in ("lrua", "ntm"):
             raise ValueError(f"unknown MANN write {cfg.write!r}; choose lrua or ntm")
+        if cfg.write_content not in ("add", "key"):
+            raise ValueError(f"unknown MANN write_content {cfg.write_content!r}; choose add or key")
+        if cfg.read_order not in ("after_write", "before_write"):
+            raise ValueError(f"unknown MANN read_order {cfg.read_order!r}; choose after_write or before_write")
+        if cfg.read_heads < 0 or n_way < 1:
+            raise ValueError(f"need read_heads >= 0 and n_way >= 1 (got {cfg.read_heads}, {n_way})")
         self.cfg, self.n_way = cfg, n_way
         nh, M, Hc = cfg.read_heads, cfg.slot_dim, cfg.controller_size
         self.input_proj = nn.Linear(input_dim, cfg.input_proj) if cfg.input_proj > 0 else nn.Identity()
         x_dim = cfg.input_proj if cfg.input_proj > 0 else input_dim
-        self.controller = LSTMController(x_dim + n_way + nh * M, Hc)
-        self.read_head = ReadHead(Hc, nh, M)
-        if cfg.write == "lrua":
-            self.write_head = LRUAWriteHead(Hc, nh)
-        else:
-            self.write_head = NTMWriteHead(Hc, nh, M, cfg.shift_range)
+        self.controller = LSTMController(x_dim + n_way, Hc, recurrent_size=nh * M)
+        if nh > 0:
+            self.read_head = ReadHead(Hc, nh, M, cfg.key_strength)
+            if cfg.write == "lrua":
+                self.write_head = LRUAWriteHead(Hc, nh, M, add_vector=cfg.write_content == "add")
+            else:
+                self.write_head = NTMWriteHead(Hc, nh, M, cfg.shift_range)
         self.out = nn.Linear(Hc + nh * M, n_way)
 
     def initial_state(self, x: Tensor) -> MANNState:
@@ -989,21 +1024,25 @@ class MANN(nn.Module):
                          read_weights=on_first, reads=x.new_zeros(B, nh, M), write_weights=on_first.clone(),
                          usage=x.new_zeros(B, N))
 
-    def step(self, x: Tensor, y: Tensor, state: MANNState) -> tuple[Tensor, MANNState]:
-        """One time step: x (B, in), y (B, K) label one-hot (zeros = no label) -> logits (B, K).
-        Order: controller; write (from t-1 weights); read M_t by content; usage update."""
-        B = x.shape[0]
-        inputs = torch.cat([x, y, state.reads.flatten(1)], dim=-1)  # (B, in + K + nh*M)
-        h, c = self.controller(inputs, state.h, state.c)  # (B, Hc) each
+    def step(self, gates_in: Tensor, state: MANNState) -> MANNState:
+        """One time step. gates_in (B, 4Hc) = controller.ih([x_t, y_t]), the controller's input
+        part (see forward). Order (Santoro sec. 3): controller; write (from the t-1 weights);
+        read by content (M_t, or M_{t-1} with read_order "before_write"); usage update."""
+        B = gates_in.shape[0]
+        h, c = self.controller.cell(gates_in, torch.cat([state.reads.flatten(1), state.h], dim=-1), state.c)
+        if self.cfg.read_heads == 0:  # a plain LSTM
+            return state._replace(h=h, c=c)
         key, beta = self.read_head.key(h)  # (B, nh, M), (B, nh)
+        if self.cfg.read_order == "before_write":
+            w_read, reads = self.read_head(state.memory, key, beta)  # (B, nh, N), (B, nh, M)
         if self.cfg.write == "lrua":
             memory, w_write = self.write_head(h, key, state.memory, state.usage, state.read_weights)
         else:
             memory, w_write = self.write_head(h, state.memory, state.write_weights)
-        w_read, reads = self.read_head(memory, key, beta)  # (B, nh, N), (B, nh, M)
-        usage = lrua_usage(state.usage, w_read, w_write, self.cfg.gamma)
-        logits = self.out(torch.cat([h, reads.reshape(B, -1)], dim=-1))  # (B, K)
-        return logits, MANNState(h, c, memory, w_read, reads, w_write, usage)
+        if self.cfg.read_order == "after_write":
+            w_read, reads = self.read_head(memory, key, beta)
+        usage = lrua_usage(state.usage, w_read, w_write, self.cfg.gamma)  # (B, N)
+        return MANNState(h, c, memory, w_read, reads, w_write, usage)
 
     def forward(self, x: Tensor, label_in: Tensor, state: MANNState | None = None) -> tuple[Tensor, MANNState]:
         """x (B, S, input_dim) clip embeddings; label_in (B, S) long, the label shown with
@@ -1011,7 +1050,11 @@ class MANN(nn.Module):
 
         Both layouts of an episode: support/query (support steps carry their own label,
         queries -1) and Santoro's sequence (label_in[:, t] = y_{t-1}, -1 at t = 0).
-        A new episode starts from `initial_state` (state=None)."""
+        A new episode starts from `initial_state` (state=None).
+
+        Only the time loop is sequential. What does not depend on the recurrence runs once for
+        all S steps: the input projection of [x_t, y_t] (one matrix product instead of S small
+        ones) and the output layer on [h_t, r_t]."""
         B, S, _ = x.shape
         if label_in.shape != (B, S):
             raise ValueError(f"label_in must be (B, S) = ({B}, {S}); got {tuple(label_in.shape)}")
@@ -1020,13 +1063,13 @@ class MANN(nn.Module):
         if label_in.device.type == "cpu" and label_in.numel() and (label_in.min() < -1 or label_in.max() >= self.n_way):
             raise ValueError(f"labels must lie in -1..{self.n_way - 1}; got {label_in.min()}..{label_in.max()}")
         state = self.initial_state(x) if state is None else state
-        x = self.input_proj(x)  # (B, S, in')
         y = F.one_hot(label_in.clamp_min(0), self.n_way).to(x.dtype) * (label_in >= 0)[..., None]  # (B, S, K)
-        logits = []
-        for t in range(S):
-            out, state = self.step(x[:, t], y[:, t], state)
-            logits.append(out)
-        return torch.stack(logits, dim=1), state  # (B, S, K)
+        gates_in = self.controller.ih(torch.cat([self.input_proj(x), y], dim=-1))  # (B, S, 4Hc)
+        outputs = []
+        for g in gates_in.unbind(1):  # unbind: one backward node for all steps, not S slices
+            state = self.step(g, state)
+            outputs.append(torch.cat([state.h, state.reads.flatten(1)], dim=-1))  # (B, Hc + nh*M)
+        return self.out(torch.stack(outputs, dim=1)), state  # (B, S, K)
 
 
 # -----------------------------------------------------------------------------
@@ -1039,16 +1082,20 @@ BACKBONES = ("mae", "scratch", "pixels")
 class Backbone(nn.Module):
     """Clip batch (B, C, T, H, W) -> embeddings (B, out_dim). "mae" and "scratch" wrap a
     VideoViT as `vit` (its `embed`; the caller loads MAE weights or not); "pixels"
-    average-pools each frame to pixels_size^2 and flattens over T (Santoro's setting: raw pixels)."""
+    average-pools each frame to pixels_size^2 and flattens over T (Santoro's setting: raw pixels),
+    in `channels` channels: 1 averages the colour channels (grey data, as Santoro's Omniglot)."""
 
-    def __init__(self, kind: str, vit_cfg: ViTConfig, pixels_size: int = 8):
+    def __init__(self, kind: str, vit_cfg: ViTConfig, pixels_size: int = 8, channels: int | None = None):
         super().__init__()
         if kind not in BACKBONES:
             raise ValueError(f"unknown backbone {kind!r}; choose one of {', '.join(BACKBONES)}")
         self.kind, self.pixels_size = kind, pixels_size
+        self.channels = vit_cfg.in_chans if channels is None else channels
+        if self.channels not in (1, vit_cfg.in_chans):
+            raise ValueError(f"pixels backbone: channels must be 1 or {vit_cfg.in_chans}, got {self.channels}")
         if kind == "pixels":
             self.vit = None
-            self.out_dim = vit_cfg.in_chans * vit_cfg.num_frames * pixels_size ** 2
+            self.out_dim = self.channels * vit_cfg.num_frames * pixels_size ** 2
         else:
             self.vit = VideoViT(vit_cfg)
             self.out_dim = vit_cfg.width
@@ -1056,24 +1103,33 @@ class Backbone(nn.Module):
     def forward(self, video: Tensor) -> Tensor:
         if self.vit is None:
             T, s = video.shape[2], self.pixels_size
+            if self.channels == 1:
+                video = video.mean(1, keepdim=True)  # (B, 1, T, H, W)
             return F.adaptive_avg_pool3d(video, (T, s, s)).flatten(1)  # (B, C*T*s*s)
         return self.vit.embed(video)  # (B, D)
 
 
-def build_backbone(kind: str, vit_cfg: ViTConfig, pixels_size: int = 8) -> Backbone:
+def build_backbone(kind: str, vit_cfg: ViTConfig, pixels_size: int = 8, channels: int | None = None) -> Backbone:
     """The stage-3 backbone of one kind (see Backbone)."""
-    return Backbone(kind, vit_cfg, pixels_size)
+    return Backbone(kind, vit_cfg, pixels_size, channels)
 
 
 class MetaLearner(nn.Module):
-    """Stage 3 as one module (one state dict): the backbone, a LayerNorm on its embeddings
-    (pixels and ViT features differ in scale), and the MANN. The backbone is called on its
-    own (`.backbone(video)`), so frozen embeddings can be computed once and cached."""
+    """Stage 3 as one module (one state dict): the backbone, a LayerNorm on its embeddings,
+    and the MANN. The backbone is called on its own (`.backbone(video)`), so frozen embeddings
+    can be computed once and cached.
 
-    def __init__(self, backbone: Backbone, mann: MANN):
+    The norm puts every backbone (pixels, ViT features) on one scale, and its gain starts at
+    input_norm / sqrt(D), so that an embedding enters the controller with length `input_norm`,
+    a few times the label one-hot's length 1: at LayerNorm's usual gain of 1 (length sqrt(D))
+    the image drowns the label at the LSTM's gates and the MANN stays at counting labels."""
+
+    def __init__(self, backbone: Backbone, mann: MANN, input_norm: float = 4.0):
         super().__init__()
         self.backbone = backbone
         self.norm = nn.LayerNorm(backbone.out_dim)
+        with torch.no_grad():
+            self.norm.weight.fill_(input_norm / math.sqrt(backbone.out_dim))
         self.mann = mann
 
     def forward(self, x: Tensor, label_in: Tensor, state: MANNState | None = None) -> tuple[Tensor, MANNState]:

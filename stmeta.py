@@ -100,6 +100,11 @@ class MANNConfig:
     gamma: float = 0.95  # LRUA usage decay
     shift_range: int = 1  # NTM circular shift over {-1, 0, +1}
     input_proj: int = 0  # >0: project the clip embedding to this width before the LSTM
+    # What an LRUA head writes: "add", an add vector of its own (tristandeleu/ntm-one-shot and
+    # snowkylin/ntm), or "key", its read key (Santoro's text). README, implementation notes.
+    write_content: str = "add"
+    read_order: str = "after_write"  # read M_t (Santoro's eqs.) | "before_write": read M_{t-1}
+    key_strength: float = 0.0  # 0: softmax of the cosine (Santoro); > 0: a learned beta, starting here
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +180,7 @@ class MetaConfig:
     backbone: str = "mae"  # "mae" | "scratch" (meta-learning only ablation) | "pixels" (Santoro)
     freeze_backbone: bool = True  # frozen: embeddings computed once and cached
     pixels_size: int = 8  # "pixels" backbone: frames downsampled to this many pixels a side
+    pixels_channels: int = 0  # "pixels" backbone: 1 (grey) or 3; 0 = 1 for a grey cache, else 3
     steps: int = 20000
     batch_size: int = 16  # episodes per step
     lr: float = 1e-3
@@ -193,6 +199,17 @@ class MetaConfig:
     # are fair game in meta-learning, and on our synthetic benchmark the MAE's mean-pooled features
     # alone sit near chance for nearest-class-mean (README, "Results").
     classify: bool = True
+    # The MANN's input: each clip embedding is LayerNorm'ed, and the norm's gain starts at
+    # input_norm / sqrt(D), so every embedding reaches the controller with length input_norm
+    # (the label one-hot has length 1). A gain of 1, LayerNorm's default, gives length sqrt(D):
+    # 20-35x the label for 400-1,200 pixels, and the MANN never gets past counting labels
+    # (README, implementation notes).
+    input_norm: float = 4.0
+    # Santoro's augmentation of the meta-train classes, drawn anew for every episode: each class
+    # also appears rotated by 90, 180 and 270 degrees as three new classes, and every example is
+    # translated by up to max_shift pixels (edges replicated). Held-out classes are never augmented.
+    rotate_classes: bool = False
+    max_shift: int = 0
 
 
 @dataclass
@@ -302,7 +319,33 @@ def preset_tiny() -> Config:
     )
 
 
-PRESETS = {"paper": preset_paper, "cpu": preset_cpu, "tiny": preset_tiny}
+def preset_omniglot() -> Config:
+    """Santoro et al.'s Omniglot experiment (sec. 4.1): 20 x 20 grey images as raw pixels, the
+    sequence layout (x_t with y_{t-1}, every step scored), 5 classes x 10 instances (50 steps),
+    controller 200, memory 128 x 40, 4 read heads, LRUA gamma 0.95, batches of 16 episodes,
+    meta-train classes rotated into new classes and translated. Adam at 1e-3 (Santoro's
+    reproductions; the paper gives no optimiser settings). The ViT fields describe a small
+    encoder at 20 px (5 x 5 tokens of 4 px) for `--backbone mae|scratch` on the same data.
+    Use it with a cache of one-frame clips: `python data.py prepare --source folder:OMNIGLOT
+    --size 20 --out CACHE`."""
+    enc = ViTConfig(img_size=20, num_frames=1, in_chans=3, patch_size=4, tubelet_size=1, width=128, depth=4,
+                    num_heads=4, head_dim=32, mlp_ratio=2.0)
+    return Config(
+        preset="omniglot",
+        model=MAEConfig(encoder=enc, decoder_width=64, decoder_depth=2, decoder_heads=4, decoder_head_dim=16,
+                        mask_ratio=0.75),
+        mann=MANNConfig(controller_size=200, n_slots=128, slot_dim=40, read_heads=4, write="lrua", gamma=0.95),
+        data=DataConfig(sampling_rate=1, hflip=False, workers=0),
+        pretrain=PretrainConfig(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1),
+        finetune=FinetuneConfig(epochs=10, batch_size=64, lr=2e-3, warmup_epochs=1, mixup=0.0, drop_path=0.0),
+        meta=MetaConfig(layout="sequence", n_way=5, seq_shots=10, backbone="pixels", pixels_size=20,
+                        steps=20000, batch_size=16, lr=1e-3, warmup_steps=0, clip_grad=0.0, eval_every=500,
+                        ckpt_every=500, val_episodes=320, test_episodes=1000, classify=False,
+                        rotate_classes=True, max_shift=2),
+    )
+
+
+PRESETS = {"paper": preset_paper, "cpu": preset_cpu, "tiny": preset_tiny, "omniglot": preset_omniglot}
 
 
 def get_preset(name: str) -> Config:
@@ -616,6 +659,12 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def ordinal(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 3 -> '3rd', 11 -> '11th', 22 -> '22nd'."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def format_line(record: dict) -> str:
     """`step 1200/20000 | loss 0.412 | 38 ms/it | eta 4m`-style line from a record."""
     parts = []
@@ -626,6 +675,8 @@ def format_line(record: dict) -> str:
             parts.append(f"step {v}/{record['total']}")
         elif isinstance(v, float):
             parts.append(f"{k} {v:.4g}")
+        elif isinstance(v, list) and all(isinstance(x, float) for x in v):
+            parts.append(f"{k} [" + " ".join(f"{x:.3g}" for x in v) + "]")
         else:
             parts.append(f"{k} {v}")
     return " | ".join(parts)
@@ -728,8 +779,12 @@ def _fmt_tick(v: float) -> str:
 
 
 def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "", xlabel: str = "",
-               ylabel: str = "", size: tuple[int, int] = (640, 400), logy: bool = False) -> None:
-    """One PNG with a line per series: {name: (xs, ys)}, axes with ticks, and a legend."""
+               ylabel: str = "", size: tuple[int, int] = (640, 400), logy: bool = False,
+               refs: dict[str, float] | None = None, y_from: float | None = None) -> None:
+    """One PNG with a line per series: {name: (xs, ys)}, axes with ticks, and a legend.
+    `refs` are labelled dashed horizontal lines (chance, ln(n_way), a baseline), always inside
+    the y-range; `y_from` fixes the bottom of the y-axis (e.g. 0 for an accuracy), so that a
+    flat curve at a reference line is not zoomed into something that looks like learning."""
     from PIL import Image, ImageDraw
     W, H = size
     left, right, top, bottom = 64, 16, 54, 48  # the legend has a row of its own under the title
@@ -741,12 +796,17 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
         pts = [(x, math.log10(y)) for x, y in pts if y > 0]
     if not pts:
         pts = [(0.0, 0.0), (1.0, 1.0)]
+    refs = {k: (math.log10(v) if logy else v) for k, v in (refs or {}).items()
+            if math.isfinite(v) and (v > 0 or not logy)}
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    ys = [p[1] for p in pts] + list(refs.values())
+    y0, y1 = min(ys), max(ys)
     if x1 == x0:
         x1 = x0 + 1
     pad = (y1 - y0) * 0.05 or 0.5
     y0, y1 = y0 - pad, y1 + pad
+    if y_from is not None and not logy:
+        y0 = min(y_from, y1 - pad)
 
     def px(x, y):
         return (left + (x - x0) / (x1 - x0) * (W - left - right), top + (1 - (y - y0) / (y1 - y0)) * (H - top - bottom))
@@ -763,6 +823,11 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
             d.line([(xx, H - bottom), (xx, H - bottom + 4)], fill="black")
             d.text((xx, H - bottom + 6), _fmt_tick(t), fill="black", font=small, anchor="mt")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for name, v in refs.items():  # dashed, grey, labelled at the right end of the line
+        _, yy = px(x0, v)
+        for xa in range(left, W - right, 8):
+            d.line([(xa, yy), (min(xa + 4, W - right), yy)], fill=(120, 120, 120), width=1)
+        d.text((W - right - 4, yy - 2), name, fill=(90, 90, 90), font=small, anchor="rb")
     for i, (name, (xs, ys)) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         line = [(x, (math.log10(y) if logy else y)) for x, y in zip(xs, ys)

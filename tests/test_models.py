@@ -533,12 +533,12 @@ def test_param_groups_layer_decay_and_no_decay():
 def test_lstm_controller_equals_torch_lstm_cell_and_gradcheck():
     torch.manual_seed(0)
     ours = LSTMController(5, 4)
-    assert torch.all(ours.gates.bias[4:8] == 1.0)  # forget gate
+    assert torch.all(ours.ih.bias[4:8] == 1.0)  # forget gate
     ref = nn.LSTMCell(5, 4)
     with torch.no_grad():  # torch's gate order is ours: i, f, g, o
-        ref.weight_ih.copy_(ours.gates.weight[:, :5])
-        ref.weight_hh.copy_(ours.gates.weight[:, 5:])
-        ref.bias_ih.copy_(ours.gates.bias)
+        ref.weight_ih.copy_(ours.ih.weight)
+        ref.weight_hh.copy_(ours.hh.weight)
+        ref.bias_ih.copy_(ours.ih.bias)
         ref.bias_hh.zero_()
     x, h, c = torch.randn(3, 5), torch.randn(3, 4), torch.randn(3, 4)
     for a, b in zip(ours(x, h, c), ref(x, (h, c))):
@@ -698,11 +698,62 @@ def test_mann_shapes_state_and_continuation(write):
 def test_mann_input_projection_and_label_encoding():
     cfg = stmeta.MANNConfig(controller_size=8, n_slots=4, slot_dim=3, read_heads=1, input_proj=5)
     mann = MANN(cfg, 20, 2)
-    assert mann.controller.gates.in_features == 5 + 2 + 3 + 8
+    assert mann.controller.ih.in_features + mann.controller.hh.in_features == 5 + 2 + 3 + 8
     x = torch.randn(1, 2, 20)
     shown, _ = mann(x, torch.tensor([[1, -1]]))
     hidden, _ = mann(x, torch.tensor([[-1, -1]]))
     assert not torch.allclose(shown[:, 0], hidden[:, 0])  # the label enters the first step
+
+
+def reference_mann_forward(mann: MANN, x, label_in):
+    """The MANN as Santoro's equations run it, one step at a time: the controller's whole input
+    [x_t, y_t] projected inside the loop, the output layer applied at every step."""
+    state = mann.initial_state(x)
+    y = F.one_hot(label_in.clamp_min(0), mann.n_way).to(x.dtype) * (label_in >= 0)[..., None]
+    logits = []
+    for t in range(x.shape[1]):
+        state = mann.step(mann.controller.ih(torch.cat([mann.input_proj(x[:, t]), y[:, t]], -1)), state)
+        logits.append(mann.out(torch.cat([state.h, state.reads.flatten(1)], -1)))
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(write="ntm"), dict(write_content="key", read_order="before_write"),
+                                dict(key_strength=5.0), dict(read_heads=0)])
+def test_mann_forward_equals_the_step_by_step_equations(kw):
+    """forward hoists the input projection and the output layer out of the time loop: same
+    logits and gradients as the step-by-step form, in every variant."""
+    torch.manual_seed(0)
+    cfg = stmeta.MANNConfig(**{**dict(controller_size=12, n_slots=6, slot_dim=5, read_heads=2), **kw})
+    mann = MANN(cfg, 7, 3).double()
+    x = torch.randn(2, 9, 7, dtype=torch.float64)
+    label_in = torch.tensor([[-1, 0, 1, 2, 0, 1, 2, 0, 1]] * 2)
+    fast, _ = mann(x, label_in)
+    ref = reference_mann_forward(mann, x, label_in)
+    assert torch.allclose(fast, ref, atol=1e-12)
+    g_fast = torch.autograd.grad(fast.square().sum(), list(mann.parameters()))
+    g_ref = torch.autograd.grad(ref.square().sum(), list(mann.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_fast, g_ref))
+
+
+def test_mann_variants():
+    """read_heads=0 is a plain LSTM (no memory parameters); the key strength and the write
+    content are the configured ones; bad names are refused."""
+    lstm = MANN(stmeta.MANNConfig(controller_size=8, read_heads=0), 6, 3)
+    assert not hasattr(lstm, "read_head") and lstm.out.in_features == 8
+    logits, state = lstm(torch.randn(2, 4, 6), torch.tensor([[-1, 0, 1, 2]] * 2))
+    assert logits.shape == (2, 4, 3) and not state.memory.any()  # the memory is never touched
+    sharp = MANN(stmeta.MANNConfig(controller_size=8, n_slots=5, slot_dim=4, read_heads=2, key_strength=10.0), 6, 3)
+    _, beta = sharp.read_head.key(torch.zeros(3, 8))
+    assert torch.allclose(beta, torch.full((3, 2), 10.0))
+    plain = MANN(stmeta.MANNConfig(controller_size=8, n_slots=5, slot_dim=4, read_heads=2), 6, 3)
+    key, beta = plain.read_head.key(torch.randn(3, 8))
+    assert torch.equal(beta, torch.ones(3, 2)) and key.shape == (3, 2, 4)  # Santoro: softmax of the cosine
+    assert plain.write_head.fc.out_features == 2 * (1 + 4)  # alpha + add vector per head
+    keyed = MANN(stmeta.MANNConfig(controller_size=8, n_slots=5, slot_dim=4, read_heads=2, write_content="key"), 6, 3)
+    assert keyed.write_head.fc.out_features == 2  # alpha only: the key is written
+    for bad in (dict(write_content="both"), dict(read_order="never"), dict(write="dnc"), dict(read_heads=-1)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            MANN(stmeta.MANNConfig(**bad), 6, 3)
 
 
 @pytest.mark.parametrize("write", ["lrua", "ntm"])
