@@ -1946,6 +1946,9 @@ class Episode(NamedTuple):
     label_in: torch.Tensor  # long: the label shown to the model at that step, -1 = hidden
     is_query: torch.Tensor  # bool: the steps that are scored
     instance: torch.Tensor  # long: how many times this step's class was shown (labelled) before
+    rotation: torch.Tensor  # long in 0..3: quarter turns of the step's clip (its class's rotation)
+    down: torch.Tensor  # long: the clip's translation in pixels, down (negative: up) ...
+    right: torch.Tensor  # ... and right (negative: left)
 
 
 class EpisodeSampler:
@@ -1959,15 +1962,24 @@ class EpisodeSampler:
     Each episode assigns labels 0..N-1 to its classes in random order. A multi-label clip is in
     the pool of each of its classes, but never stands for class c in an episode that also
     contains another of its labels.
+
+    Santoro's augmentation (sec. 4.1), drawn for every episode: with `rotations` each class also
+    exists turned by 90, 180 and 270 degrees, as three more classes (an episode may hold a class
+    and its rotation: they are different classes), and every step's clip is translated by up to
+    `max_shift` pixels. The episode only says how (`rotation`, `down`, `right`); `augment_clips`
+    does it.
     """
 
     def __init__(self, cache_or_labels, pool_indices, classes, n_way: int, k_shot: int, n_query: int,
-                 layout: str = "support_query", seq_shots: int = 10, drop_small: bool = False):
+                 layout: str = "support_query", seq_shots: int = 10, drop_small: bool = False,
+                 rotations: bool = False, max_shift: int = 0):
         if layout not in ("support_query", "sequence"):
             raise DataError(f"episode layout must be 'support_query' or 'sequence', got {layout!r}")
         if n_way < 1 or (layout == "support_query" and (k_shot < 1 or n_query < 0)) or seq_shots < 1:
             raise DataError(f"need n_way >= 1, k_shot >= 1, n_query >= 0, seq_shots >= 1 "
                             f"(got {n_way}, {k_shot}, {n_query}, {seq_shots})")
+        if max_shift < 0:
+            raise DataError(f"max_shift must be >= 0 pixels, got {max_shift}")
         if isinstance(cache_or_labels, ClipCache):
             all_labels, self.class_names = cache_or_labels.all_labels, cache_or_labels.classes
         else:  # a list of label lists, or one label per clip (-1 = unlabelled)
@@ -1975,6 +1987,7 @@ class EpisodeSampler:
                           for x in cache_or_labels]
             self.class_names = None
         self.n_way, self.k_shot, self.n_query, self.layout, self.seq_shots = n_way, k_shot, n_query, layout, seq_shots
+        self.rotations, self.max_shift = rotations, max_shift
         self.per_class = k_shot + n_query if layout == "support_query" else seq_shots
         pool = np.unique(np.asarray(pool_indices, dtype=np.int64))
         self.clip_labels = {int(i): frozenset(all_labels[i]) for i in pool}
@@ -1988,7 +2001,9 @@ class EpisodeSampler:
                             f"needs {self.per_class} per class{more}")
         self.dropped = small
         self.classes = [c for c in classes if c not in small]
-        if len(self.classes) < n_way:
+        # the classes an episode draws from: (class, quarter turns); rotated copies are classes of their own
+        self.variants = [(c, r) for c in self.classes for r in (range(4) if rotations else (0,))]
+        if len(self.variants) < n_way:
             raise DataError(f"only {len(self.classes)} classes with at least {self.per_class} clips in this pool; "
                             f"{self._need()} needs {n_way} classes")
         self.multi_label = any(len(s) > 1 for s in self.clip_labels.values())
@@ -2006,33 +2021,40 @@ class EpisodeSampler:
         """S, the episode length."""
         return self.n_way * self.per_class
 
-    def _draw(self, generator: torch.Generator) -> list[np.ndarray]:
-        """Classes for one episode (their order is the label assignment) and per_class clips each."""
+    def _draw(self, generator: torch.Generator) -> tuple[list[np.ndarray], list[int]]:
+        """Classes for one episode (their order is the label assignment), per_class clips each,
+        and each class's quarter turns."""
         for _ in range(100):
-            chosen = [self.classes[j] for j in torch.randperm(len(self.classes), generator=generator)[: self.n_way]]
+            chosen = [self.variants[j] for j in torch.randperm(len(self.variants), generator=generator)[: self.n_way]]
             picks = []
-            for c in chosen:
+            for c, _r in chosen:
                 cand = self.pools[c]
                 if self.multi_label:  # not as class c if it also shows another class of the episode
-                    others = set(chosen) - {c}
+                    others = {o for o, _ in chosen} - {c}
                     cand = cand[[not (self.clip_labels[int(i)] & others) for i in cand]]
                 if len(cand) < self.per_class:
                     break
                 picks.append(cand[torch.randperm(len(cand), generator=generator)[: self.per_class].numpy()])
             else:
-                return picks
+                return picks, [r for _, r in chosen]
         raise DataError(f"could not draw {self._need()} in 100 tries: multi-label clips overlap too much once "
                         f"clips sharing two classes of an episode are set aside")
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Episode:
         """batch_size episodes -> Episode with (B, S) fields. `generator` must be a CPU generator."""
-        fields = [[] for _ in range(5)]
+        fields = [[] for _ in range(len(Episode._fields))]
         for _ in range(batch_size):
-            picks = self._draw(generator)  # picks[label] = (per_class,) clip indices
-            for f, v in zip(fields, self._layout(picks, generator)):
+            picks, turns = self._draw(generator)  # picks[label] = (per_class,) clip indices
+            steps = self._layout(picks, generator)
+            clips, target = steps[0], steps[1]
+            rotation = torch.tensor(turns, dtype=torch.int64)[target]  # (S,)
+            if self.max_shift > 0:
+                shift = torch.randint(-self.max_shift, self.max_shift + 1, (2, len(clips)), generator=generator)
+            else:
+                shift = torch.zeros(2, len(clips), dtype=torch.int64)
+            for f, v in zip(fields, (*steps, rotation, *shift)):
                 f.append(v)
-        clips, target, label_in, is_query, instance = (torch.stack(f) for f in fields)
-        return Episode(clips, target, label_in, is_query, instance)
+        return Episode(*(torch.stack(f) for f in fields))
 
     def _layout(self, picks: list[np.ndarray], g: torch.Generator):
         N = self.n_way
@@ -2064,6 +2086,30 @@ class EpisodeSampler:
                 seen[lab] += 1
         clips = torch.tensor([int(c) for c, _ in steps], dtype=torch.int64)
         return clips, target, label_in, is_query, torch.tensor(instance, dtype=torch.int64)
+
+
+def augment_clips(video: torch.Tensor, rotation: torch.Tensor, down: torch.Tensor, right: torch.Tensor
+                  ) -> torch.Tensor:
+    """Turn and translate each clip as its episode step says (EpisodeSampler): video
+    (n, C, T, H, W) with H == W, rotation (n,) quarter turns counter-clockwise (torch.rot90's
+    sense), then a shift by down, right (n,) pixels with the edges replicated -> (n, C, T, H, W).
+    Every frame of a clip alike; on the video's device, for the whole batch at once (one gather,
+    no Python loop over clips)."""
+    n, C, T, H, W = video.shape
+    if H != W and bool((rotation % 2).any()):
+        raise DataError(f"quarter turns need square frames, got {H}x{W}")
+    dev = video.device
+    rotation = rotation.to(dev) % 4
+    # source pixel (r, c) of each output pixel (i, j): undo the shift, then the turn
+    i = torch.arange(H, device=dev).view(1, H, 1) - down.to(dev).view(n, 1, 1)  # (n, H, 1)
+    j = torch.arange(W, device=dev).view(1, 1, W) - right.to(dev).view(n, 1, 1)  # (n, 1, W)
+    i, j = i.clamp(0, H - 1).expand(n, H, W), j.clamp(0, W - 1).expand(n, H, W)  # replicated edges
+    k = rotation.view(n, 1, 1)
+    # torch.rot90(x, k, dims=(-2, -1)) maps output (i, j) to input: k=1 (j, W-1-i), k=2 (H-1-i, W-1-j), k=3 (H-1-j, i)
+    r = torch.where(k == 0, i, torch.where(k == 1, j, torch.where(k == 2, H - 1 - i, W - 1 - j)))
+    c = torch.where(k == 0, j, torch.where(k == 1, W - 1 - i, torch.where(k == 2, W - 1 - j, i)))
+    flat = (r * W + c).view(n, 1, 1, H * W).expand(n, C, T, H * W)  # (n, C, T, H*W)
+    return video.reshape(n, C, T, H * W).gather(3, flat).view(n, C, T, H, W)
 
 
 # -----------------------------------------------------------------------------

@@ -1078,6 +1078,56 @@ def test_sequence_episodes(synth):
             seen[lab] = seen.get(lab, 0) + 1
 
 
+def test_rotated_classes_and_shifts(synth):
+    """Santoro's augmentation: each class also exists turned by 1-3 quarter turns, as a class of
+    its own (one turn per episode label, so all its steps agree), and each step is shifted by up
+    to max_shift pixels; without them every step is unturned and unshifted."""
+    plain = data.EpisodeSampler(synth, synth.indices(), range(10), n_way=5, k_shot=1, n_query=1,
+                                layout="sequence", seq_shots=4)
+    ep = plain.sample(8, torch.Generator().manual_seed(0))
+    assert not ep.rotation.any() and not ep.down.any() and not ep.right.any()
+    assert len(plain.variants) == 10
+    aug = data.EpisodeSampler(synth, synth.indices(), range(10), n_way=5, k_shot=1, n_query=1,
+                              layout="sequence", seq_shots=4, rotations=True, max_shift=2)
+    assert len(aug.variants) == 40 and aug.variants[:4] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    ep = aug.sample(64, torch.Generator().manual_seed(0))
+    for f in ep:
+        assert f.shape == (64, 20)
+    assert set(ep.rotation.unique().tolist()) == {0, 1, 2, 3}
+    assert set(ep.down.unique().tolist()) == set(range(-2, 3)) and ep.right.abs().max() == 2
+    for b in range(64):
+        for lab in range(5):
+            at = ep.target[b] == lab
+            assert len(set(ep.rotation[b, at].tolist())) == 1  # one turn per class of the episode
+    with pytest.raises(DataError, match="max_shift"):
+        data.EpisodeSampler(synth, synth.indices(), range(10), 5, 1, 1, max_shift=-1)
+    # a class and its turned copy are different classes: 2 cache classes give 8 classes
+    two = data.EpisodeSampler(synth, synth.indices(), range(2), n_way=5, k_shot=1, n_query=0, rotations=True)
+    assert len(two.variants) == 8
+
+
+def test_augment_clips_turns_and_shifts_every_frame_alike():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 3, 5, 5, generator=g)  # (n, C, T, H, W)
+    zero = torch.zeros(6, dtype=torch.long)
+    turns = torch.tensor([0, 1, 2, 3, 5, -1])  # taken mod 4
+    out = data.augment_clips(x, turns, zero, zero)
+    for n in range(6):
+        assert torch.equal(out[n], torch.rot90(x[n], int(turns[n]) % 4, dims=(-2, -1)))
+    down, right = torch.tensor([1, 0, -2, 0, 0, 1]), torch.tensor([0, -1, 0, 2, 0, 1])
+    out = data.augment_clips(x, zero, down, right)
+    assert torch.equal(out[0, ..., 1:, :], x[0, ..., :-1, :]) and torch.equal(out[0, ..., 0, :], x[0, ..., 0, :])
+    assert torch.equal(out[1, ..., :, :-1], x[1, ..., :, 1:]) and torch.equal(out[1, ..., :, -1], x[1, ..., :, -1])
+    assert torch.equal(out[2, ..., :-2, :], x[2, ..., 2:, :]) and torch.equal(out[2, ..., -1, :], x[2, ..., -1, :])
+    assert torch.equal(out[4], x[4])
+    # a turn, then a shift
+    both = data.augment_clips(x, torch.ones(6, dtype=torch.long), down, right)
+    assert torch.equal(both, data.augment_clips(data.augment_clips(x, torch.ones(6, dtype=torch.long), zero, zero),
+                                                zero, down, right))
+    with pytest.raises(DataError, match="square"):
+        data.augment_clips(torch.zeros(1, 1, 1, 4, 5), torch.ones(1, dtype=torch.long), zero[:1], zero[:1])
+
+
 def test_episode_errors(synth):
     with pytest.raises(DataError, match=r"has 6 clips.*5-way 4-shot episode with 3 queries per class needs 7"):
         data.EpisodeSampler(synth, synth.indices(), range(10), 5, 4, 3)
