@@ -74,7 +74,7 @@ def load_run(run: str, kinds: tuple[str, ...], prefer: str = "best.pt") -> tuple
     return ck, cfg, folder
 
 
-def build_model(ck: dict, cfg: stmeta.Config):
+def build_model(ck: dict, cfg: stmeta.Config, cache=None):
     """Rebuild the architecture from the saved config, then load the weights."""
     kind = ck["kind"]
     if kind == "mae":
@@ -83,9 +83,10 @@ def build_model(ck: dict, cfg: stmeta.Config):
         n_cls = ck["model"]["head.weight"].shape[0]
         model = models.Classifier(cfg.model.encoder, n_cls, dropout=cfg.finetune.head_dropout)
     elif kind == "mann":
-        backbone = models.build_backbone(cfg.meta.backbone, cfg.model.encoder, pixels_size=cfg.meta.pixels_size)
+        backbone = models.build_backbone(cfg.meta.backbone, cfg.model.encoder, pixels_size=cfg.meta.pixels_size,
+                                         channels=cfg.meta.pixels_channels or None)
         mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=cfg.meta.n_way)
-        model = models.MetaLearner(backbone, mann)
+        model = models.MetaLearner(backbone, mann, input_norm=cfg.meta.input_norm)
     else:
         raise SystemExit(f"unknown checkpoint kind {kind!r}")
     model.load_state_dict(ck["model"])
@@ -392,61 +393,193 @@ def episode_accuracy(pred: torch.Tensor, ep) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_methods(model, emb: torch.Tensor, cache, cfg: stmeta.Config, shots, episodes: int, methods,
                      batch: int = 100, n_query: int | None = None) -> dict:
-    """{method: {shot: {mean, ci95, episodes, per_instance?}}} on fixed episodes of the
+    """{method: {shot: {mean, ci95, episodes, layout}}} on fixed support/query episodes of the
     meta-test classes. `emb` holds every clip's backbone embedding."""
     mc = cfg.meta
     pool = cache.indices(class_split="meta_test")
     classes = cache.classes_in("meta_test")
     results = {m: {} for m in methods}
     for k in shots:
-        layouts = ["support_query"] + (["sequence"] if (mc.layout == "sequence" and "mann" in methods) else [])
-        for layout in layouts:
-            sampler = data.EpisodeSampler(cache, pool, classes, n_way=mc.n_way, k_shot=k,
-                                          n_query=n_query or mc.n_query, layout=layout,
-                                          seq_shots=mc.seq_shots)
-            g = torch.Generator().manual_seed(EPISODE_SEED + 7 * k + (1 if layout == "sequence" else 0))
-            accs = {m: [] for m in methods}
-            inst_ok = torch.zeros(mc.seq_shots)
-            inst_n = torch.zeros(mc.seq_shots)
-            done = 0
-            while done < episodes:
-                ep = sampler.sample(min(batch, episodes - done), g)
-                x = emb[ep.clips]  # (B, S, D)
-                for m in methods:
-                    if layout == "sequence" and m != "mann":
-                        continue
-                    if m == "mann":
-                        dev = next(model.parameters()).device
-                        logits, _ = model(x.to(dev), ep.label_in.to(dev))
-                        pred = logits.float().argmax(-1).cpu()
-                    elif m == "ncm":
-                        pred = ncm_predict(x, ep, mc.n_way)
-                    elif m == "logreg":
-                        pred = logreg_predict(x, ep, mc.n_way)
-                    else:
-                        raise SystemExit(f"unknown method {m!r}")
-                    accs[m].append(episode_accuracy(pred, ep))
-                    if layout == "sequence":
-                        ok = (pred == ep.target).float()
-                        inst = ep.instance.clamp(max=mc.seq_shots - 1)
-                        inst_ok.index_add_(0, inst.flatten(), ok.flatten())
-                        inst_n.index_add_(0, inst.flatten(), torch.ones(ok.numel()))
-                done += ep.clips.shape[0]
+        sampler = data.EpisodeSampler(cache, pool, classes, n_way=mc.n_way, k_shot=k, n_query=n_query or mc.n_query,
+                                      layout="support_query")
+        g = torch.Generator().manual_seed(EPISODE_SEED + 7 * k)
+        accs = {m: [] for m in methods}
+        kinds = {m: set() for m in methods}  # the distinct predictions of each episode's queries
+        done = 0
+        while done < episodes:
+            ep = sampler.sample(min(batch, episodes - done), g)
+            x = emb[ep.clips]  # (B, S, D)
             for m in methods:
-                if not accs[m]:
-                    continue
-                mean, ci = mean_ci(torch.cat(accs[m]).numpy())
-                key = k if layout == "support_query" else f"sequence"
-                results[m][key] = {"mean": mean, "ci95": ci, "episodes": episodes, "layout": layout}
-                if layout == "sequence":
-                    results[m][key]["per_instance"] = (inst_ok / inst_n.clamp(min=1)).tolist()
+                if m == "mann":
+                    dev = next(model.parameters()).device
+                    logits, _ = model(x.to(dev), ep.label_in.to(dev))
+                    pred = logits.float().argmax(-1).cpu()
+                elif m == "ncm":
+                    pred = ncm_predict(x, ep, mc.n_way)
+                elif m == "logreg":
+                    pred = logreg_predict(x, ep, mc.n_way)
+                else:
+                    raise SystemExit(f"unknown method {m!r}")
+                accs[m].append(episode_accuracy(pred, ep))
+                kinds[m] |= {len(set(p[q].tolist())) for p, q in zip(pred, ep.is_query)}
+            done += ep.clips.shape[0]
+        for m in methods:
+            mean, ci = mean_ci(torch.cat(accs[m]).numpy())
+            # one class for every query of every episode: 1/n_way +- 0, a collapsed model, not chance
+            results[m][k] = {"mean": mean, "ci95": ci, "episodes": episodes, "layout": "support_query",
+                             "collapsed": kinds[m] == {1} and mc.n_way > 1}
     return results
+
+
+# -- Santoro's sequence layout: every step scored, accuracy by presentation of a class
+
+
+SANTORO_TABLE1 = {  # Santoro et al. 2016, Table 1: 5 classes, accuracy (%) at the 1st, 2nd, 3rd, 4th, 5th, 10th instance
+    "MANN (LRUA), Santoro et al. 2016": (36.4, 82.8, 91.0, 92.6, 94.9, 98.1),
+    "LSTM, Santoro et al. 2016": (24.4, 49.5, 55.3, 61.0, 63.6, 62.5),
+}
+SANTORO_INSTANCES = (1, 2, 3, 4, 5, 10)
+
+
+def label_count_correct(ep, n_way: int, per_class: int) -> torch.Tensor:
+    """The predictor that never looks at the input and only counts labels: every class of an
+    episode appears per_class times, so at step t it names the label with the most appearances
+    left, argmax_c (per_class - n_c(<t)), choosing uniformly among ties (a label not shown yet
+    ties with every other unseen one). Computed exactly, not trained: (B, S) float, the
+    probability that this choice is right (chance-weighted on ties)."""
+    onehot = F.one_hot(ep.target, n_way)  # (B, S, K)
+    left = per_class - (onehot.cumsum(1) - onehot)  # (B, S, K): appearances still to come, before step t
+    best = left == left.max(-1, keepdim=True).values
+    return best.gather(-1, ep.target[..., None])[..., 0].float() / best.sum(-1)
+
+
+def ncm_sequence_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
+    """Nearest class mean in the sequence layout: at step t the means of the classes whose
+    labels were shown before t (cosine). A class not shown yet cannot be named, so its first
+    presentation is always wrong (but at t = 0, which guesses label 0). emb (B, S, D) -> (B, S)."""
+    z = F.normalize(emb.float(), dim=-1)
+    onehot = F.one_hot(ep.target, n_way).float()  # (B, S, K)
+    sums = torch.einsum("bsk,bsd->bskd", onehot, z).cumsum(1)  # (B, S, K, D) inclusive
+    before = torch.cat([torch.zeros_like(sums[:, :1]), sums[:, :-1]], 1)  # sums over steps < t
+    seen = torch.cat([torch.zeros_like(onehot[:, :1]), onehot.cumsum(1)[:, :-1]], 1) > 0  # (B, S, K)
+    sim = torch.einsum("bsd,bskd->bsk", z, F.normalize(before, dim=-1))
+    return sim.masked_fill(~seen, -math.inf).nan_to_num(neginf=-1e9).argmax(-1)
+
+
+def logreg_sequence_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
+    """Logistic regression in the sequence layout: for each step t, fitted on the steps before t
+    (all episodes at once) and applied to x_t. emb (B, S, D) -> (B, S)."""
+    B, S, _ = emb.shape
+    pred = torch.zeros(B, S, dtype=torch.long)
+    for t in range(1, S):
+        fit = torch.arange(S)[None, :].expand(B, -1) < t
+        step_ep = ep._replace(is_query=~fit)
+        pred[:, t] = logreg_predict(emb, step_ep, n_way)[:, t]
+    return pred
+
+
+def by_presentation(correct: torch.Tensor, instance: torch.Tensor, n: int) -> torch.Tensor:
+    """correct (B, S) float, instance (B, S) the presentation index (0 = first) -> (B, n): each
+    episode's accuracy at the 1st ... n-th presentation of its classes (NaN where it has none)."""
+    inst = F.one_hot(instance.clamp(max=n - 1), n).float()  # (B, S, n)
+    return torch.einsum("bs,bsn->bn", correct.float(), inst) / inst.sum(1)
+
+
+SEQUENCE_METHODS = ("mann", "label_count", "ncm", "logreg")
+
+
+@torch.no_grad()
+def evaluate_sequence(model, emb: torch.Tensor, cache, cfg: stmeta.Config, episodes: int, methods=SEQUENCE_METHODS,
+                      batch: int = 100) -> dict:
+    """{method: {mean, ci95, per_instance, per_instance_ci95, episodes, layout}} on fixed
+    sequence-layout episodes of the meta-test classes: accuracy over all steps and at every
+    presentation (1st ... seq_shots-th), mean +- 95% CI over episodes, the same episodes for
+    every method and every run."""
+    mc = cfg.meta
+    sampler = data.EpisodeSampler(cache, cache.indices(class_split="meta_test"), cache.classes_in("meta_test"),
+                                  n_way=mc.n_way, k_shot=mc.k_shot, n_query=mc.n_query, layout="sequence",
+                                  seq_shots=mc.seq_shots)
+    g = torch.Generator().manual_seed(EPISODE_SEED + 1)
+    rows = {m: ([], []) for m in methods}  # per episode: overall accuracy, accuracy by presentation
+    done = 0
+    while done < episodes:
+        ep = sampler.sample(min(batch, episodes - done), g)
+        x = emb[ep.clips]  # (B, S, D)
+        for m in methods:
+            if m == "mann":
+                dev = next(model.parameters()).device
+                logits, _ = model(x.to(dev), ep.label_in.to(dev))
+                correct = (logits.float().argmax(-1).cpu() == ep.target).float()
+            elif m == "label_count":
+                correct = label_count_correct(ep, mc.n_way, mc.seq_shots)
+            elif m == "ncm":
+                correct = (ncm_sequence_predict(x, ep, mc.n_way) == ep.target).float()
+            elif m == "logreg":
+                correct = (logreg_sequence_predict(x, ep, mc.n_way) == ep.target).float()
+            else:
+                raise SystemExit(f"unknown method {m!r}")
+            rows[m][0].append(correct.mean(1))
+            rows[m][1].append(by_presentation(correct, ep.instance, mc.seq_shots))
+        done += ep.clips.shape[0]
+    results = {}
+    for m, (overall, per) in rows.items():
+        mean, ci = mean_ci(torch.cat(overall).numpy())
+        per = torch.cat(per).numpy()  # (episodes, seq_shots)
+        cols = [mean_ci(per[:, i]) for i in range(per.shape[1])]
+        results[m] = {"mean": mean, "ci95": ci, "episodes": episodes, "layout": "sequence",
+                      "per_instance": [c[0] for c in cols], "per_instance_ci95": [c[1] for c in cols]}
+    return results
+
+
+def sequence_table(rows: dict[str, dict], seq_shots: int, santoro: bool = True) -> list[str]:
+    """Markdown: accuracy at Santoro's presentations (1st-5th, 10th) +- 95% CI, and overall."""
+    cols = [i for i in SANTORO_INSTANCES if i <= seq_shots]
+    out = ["| method | " + " | ".join(stmeta.ordinal(i) for i in cols) + " | all steps |",
+           "|---|" + "--:|" * (len(cols) + 1)]
+    for name, r in rows.items():
+        out.append(f"| {name} | " + " | ".join(f"{100 * r['per_instance'][i - 1]:.1f} +- "
+                                               f"{100 * r['per_instance_ci95'][i - 1]:.1f}" for i in cols)
+                   + f" | {100 * r['mean']:.1f} +- {100 * r['ci95']:.1f} |")
+    if santoro and seq_shots >= 10:
+        for name, vals in SANTORO_TABLE1.items():
+            out.append(f"| *{name} (their Omniglot test classes)* | " + " | ".join(f"{v:.1f}" for v in vals) + " | - |")
+    return out
+
+
+def collapsed(r: dict) -> str:
+    """' (collapsed)' when an accuracy of 1/n_way +- 0 says every query got the same class."""
+    return " (collapsed: one class for every query)" if r.get("collapsed") else ""
+
+
+def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
+    """What a stage-3 run is, in words: its model (MANN, or the memory-free LSTM) and its encoder."""
+    model = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
+    return {"model": model, "encoder": encoder_name(ck, cfg)}
+
+
+def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
+    """One sentence a person can judge a run by: model, encoder, data, preset and budget."""
+    mc, what = cfg.meta, describe_arm(ck, cfg)
+    eps = ck.get("step", 0) * mc.batch_size * mc.accum_steps
+    seconds = ck.get("metrics", {}).get("train_seconds")
+    took = f", {stmeta.format_duration(seconds)} of training" if seconds else ""
+    aug = (f"; meta-train classes rotated into new classes {mc.rotate_classes}, shifts up to {mc.max_shift} px"
+           if mc.rotate_classes or mc.max_shift else "")
+    return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), preset "
+            f"`{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes; budget {ck.get('step')} steps x "
+            f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.")
 
 
 def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: int | None = None,
             methods=("mann", "ncm", "logreg"), data_dir: str | None = None) -> dict:
     """Score a stage-3 run on fixed held-out episodes and write its report section. Called by
-    train.py at the end of stage 3 and by `python eval.py fewshot`."""
+    train.py at the end of stage 3 and by `python eval.py fewshot`.
+
+    A run meta-trained in the support/query layout is scored on N-way K-shot episodes for each
+    K in `shots`. A sequence-layout run (Santoro's) is scored in its own layout, by presentation,
+    beside the image-blind label-count predictor, nearest class mean and logistic regression on
+    the same inputs and episodes; its K-shot table then holds the baselines only (a sequence
+    MANN is never shown a label on the step it has to classify)."""
     # last.pt, not best.pt: best.pt was chosen on validation episodes of these same held-out
     # classes, and scoring it on them would flatter it
     ck, cfg, folder = load_run(run, ("mann",), prefer="last.pt")
@@ -456,38 +589,47 @@ def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: 
     episodes = episodes or cfg.meta.test_episodes
     pool = cache.indices(class_split="meta_test")
     emb = run_embeddings(model, cache, cfg, dev, pool)
-    res = evaluate_methods(model, emb, cache, cfg, shots, episodes, methods)
     mc = cfg.meta
-    names = {"mann": f"MANN ({mc.backbone} backbone{', frozen' if mc.freeze_backbone else ', end to end'})",
-             "ncm": f"nearest class mean ({mc.backbone} embeddings)",
-             "logreg": f"logistic regression ({mc.backbone} embeddings)"}
-    body = [f"## Few-shot on held-out classes (eval.py fewshot)\n",
+    sequence = mc.layout == "sequence"
+    shot_methods = tuple(m for m in methods if not (sequence and m == "mann"))
+    res = evaluate_methods(model, emb, cache, cfg, shots, episodes, shot_methods) if shot_methods else {}
+    if sequence:
+        seq = evaluate_sequence(model, emb, cache, cfg, episodes,
+                                tuple(m for m in SEQUENCE_METHODS if m in methods or m == "label_count"))
+        for m, r in seq.items():
+            res.setdefault(m, {})["sequence"] = r
+    what = describe_arm(ck, cfg)
+    names = {"mann": f"{what['model']} ({what['encoder']})",
+             "label_count": "label counting (never looks at the input)",
+             "ncm": f"nearest class mean ({what['encoder']})", "logreg": f"logistic regression ({what['encoder']})"}
+    body = ["## Few-shot on held-out classes (eval.py fewshot)\n",
+            f"{describe_run(ck, cfg, cache)}\n",
             f"{mc.n_way}-way episodes from the {len(cache.classes_in('meta_test'))} meta-test classes, "
-            f"{episodes} fixed episodes per setting (seed {EPISODE_SEED}), {mc.n_query} query per class, "
-            f"mean accuracy +- 95% CI, scored with the final checkpoint (last.pt). The MANN was meta-trained "
-            f"on {mc.k_shot}-shot `{mc.layout}` episodes; "
-            f"the baselines are fitted on each episode's support set. Chance: {100 / mc.n_way:.0f}%.\n",
-            "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---|" + "---|" * len(shots)]
-    for m in methods:
-        body.append(f"| {names[m]} | " + " | ".join(
-            f"{100 * res[m][k]['mean']:.1f} +- {100 * res[m][k]['ci95']:.1f}" if k in res[m] else "-"
-            for k in shots) + " |")
-    seq = res.get("mann", {}).get("sequence")
-    if seq:
-        marks = [i for i in (1, 2, 3, 5, 10) if i <= mc.seq_shots]
-        body += [f"\nSantoro's sequence layout ({mc.seq_shots} presentations per class, label of step t-1 "
-                 f"shown at step t): accuracy by presentation, {episodes} episodes.\n",
-                 "| | " + " | ".join(f"{i}{'st' if i == 1 else 'nd' if i == 2 else 'rd' if i == 3 else 'th'}"
-                                     for i in marks) + " |",
-                 "|---|" + "---|" * len(marks),
-                 "| MANN | " + " | ".join(f"{100 * seq['per_instance'][i - 1]:.1f}%" for i in marks) + " |"]
-    curves = os.path.join(folder, "curves.png")
-    if os.path.exists(curves):
-        body.append("\n![training curves](curves.png) ![accuracy](accuracy.png)\n")
+            f"{episodes} fixed episodes per setting (seed {EPISODE_SEED}), mean accuracy +- 95% CI over episodes, "
+            f"scored with the final checkpoint (last.pt). Chance: {100 / mc.n_way:.0f}%.\n"]
+    if sequence:
+        body += [f"Santoro's sequence layout: {mc.seq_shots} instances of each class in random order, the label of "
+                 f"step t-1 shown with step t, every step scored; accuracy by presentation (the k-th time a class is shown):\n"]
+        body += sequence_table({names[m]: res[m]["sequence"] for m in SEQUENCE_METHODS if "sequence" in res.get(m, {})},
+                               mc.seq_shots)
+        body.append("")
+    if shot_methods:
+        body += [f"Support/query episodes, {mc.n_query} query per class; the baselines are fitted on each "
+                 f"episode's support set:\n",
+                 "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---|" + "---|" * len(shots)]
+        for m in shot_methods:
+            body.append(f"| {names[m]} | " + " | ".join(
+                f"{100 * res[m][k]['mean']:.1f} +- {100 * res[m][k]['ci95']:.1f}{collapsed(res[m][k])}"
+                if k in res[m] else "-" for k in shots) + " |")
+    for png, what_png in (("learning_curve.png", "learning curve"), ("curves.png", "training curves"),
+                          ("accuracy.png", "accuracy")):
+        if os.path.exists(os.path.join(folder, png)):
+            body.append(f"\n![{what_png}]({png})")
     path = update_report(folder, "fewshot", "\n".join(body), run_header(ck, cfg, cache, dev))
     with open(os.path.join(folder, "fewshot.json"), "w") as f:
         json.dump(res, f, indent=2, default=str)
-    print("\n".join(body[2:]))
+    print("\n".join(body[1:]))
+    print(f"report: {path}")
     return res
 
 
@@ -510,53 +652,93 @@ def encoder_name(ck: dict, cfg: stmeta.Config) -> str:
     return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder"
 
 
+def run_budget(ck: dict, cfg: stmeta.Config) -> str:
+    """'2,000 steps x 16 = 32,000 episodes, 14m 40s': what an arm was trained with."""
+    mc = cfg.meta
+    eps = ck.get("step", 0) * mc.batch_size * mc.accum_steps
+    seconds = ck.get("metrics", {}).get("train_seconds")
+    return f"{ck.get('step', 0):,} steps x {mc.batch_size * mc.accum_steps} = {eps:,} episodes" + (
+        f", {stmeta.format_duration(seconds)}" if seconds else "")
+
+
 def cmd_ablation(args) -> dict:
+    """Every arm on the same fixed held-out episodes. --both is the full method (MAE + MANN), or
+    whatever run the others are compared with; --meta-only the MANN on a ViT from scratch;
+    --extra any other stage-3 runs (pixels, the MAE without labels, the memory-free LSTM with
+    --mann.read_heads=0, ...). The non-meta-learned baselines (and, in the sequence layout, the
+    label-count predictor) are computed on the --both run's embeddings."""
     both_ck, both_cfg, folder = load_run(args.both, ("mann",), prefer="last.pt")  # see fewshot()
     dev = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(both_ck, args.data)
     episodes = args.episodes or both_cfg.meta.test_episodes
     pool = cache.indices(class_split="meta_test")
-    arms = []  # (name, run, method)
-    both = build_model(both_ck, both_cfg).to(dev)
-    emb_both = run_embeddings(both, cache, both_cfg, dev, pool)
-    res_both = evaluate_methods(both, emb_both, cache, both_cfg, args.shots, episodes, ("mann", "ncm", "logreg"))
-    enc_name = encoder_name(both_ck, both_cfg)
-    arms.append((f"representation only: {enc_name} + nearest class mean", res_both["ncm"]))
-    arms.append((f"representation only: {enc_name} + logistic regression", res_both["logreg"]))
-    if args.meta_only:
-        mo_ck, mo_cfg, _ = load_run(args.meta_only, ("mann",), prefer="last.pt")
-        if mo_cfg.meta.n_way != both_cfg.meta.n_way:
-            raise SystemExit(f"--meta-only run is {mo_cfg.meta.n_way}-way, --both is {both_cfg.meta.n_way}-way")
-        meta_only = build_model(mo_ck, mo_cfg).to(dev)
-        emb_mo = run_embeddings(meta_only, cache, mo_cfg, dev, pool)
-        res_mo = evaluate_methods(meta_only, emb_mo, cache, mo_cfg, args.shots, episodes, ("mann",))
-        arms.insert(0, (f"meta-learning only: {encoder_name(mo_ck, mo_cfg)} + MANN", res_mo["mann"]))
-    for extra in args.extra or []:
-        ex_ck, ex_cfg, _ = load_run(extra, ("mann",), prefer="last.pt")
-        ex = build_model(ex_ck, ex_cfg).to(dev)
-        res_ex = evaluate_methods(ex, run_embeddings(ex, cache, ex_cfg, dev, pool), cache, ex_cfg, args.shots,
-                                  episodes, ("mann",))
-        arms.append((f"{encoder_name(ex_ck, ex_cfg)} + MANN ({os.path.basename(os.path.normpath(extra))})",
-                     res_ex["mann"]))
-    arms.append((f"both: {enc_name} + MANN", res_both["mann"]))
-    n_way = both_cfg.meta.n_way
-    body = [f"## Ablation (eval.py ablation)\n",
-            f"The ablation the paper promises (section 1): the same {episodes} fixed {n_way}-way episodes of the "
-            f"held-out classes for every arm; mean accuracy +- 95% CI. Chance {100 / n_way:.0f}%.\n",
-            "| arm | " + " | ".join(f"{k}-shot" for k in args.shots) + " |", "|---|" + "---|" * len(args.shots)]
-    for name, r in arms:
-        body.append(f"| {name} | " + " | ".join(
-            f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
-    for k in args.shots:
-        png = f"ablation_{k}shot.png"
-        stmeta.bar_chart(os.path.join(folder, png), [a[0] for a in arms], [a[1][k]["mean"] for a in arms],
-                         [a[1][k]["ci95"] for a in arms], title=f"{n_way}-way {k}-shot, held-out classes",
-                         ylabel="accuracy", hline=1 / n_way, hline_label="chance", size=(760, 420))
-        body.append(f"\n![{k}-shot ablation]({png})")
+    mc = both_cfg.meta
+    sequence = mc.layout == "sequence"
+
+    def score(ck, cfg, methods):
+        model = build_model(ck, cfg).to(dev)
+        emb = run_embeddings(model, cache, cfg, dev, pool)
+        if sequence:
+            return evaluate_sequence(model, emb, cache, cfg, episodes, methods)
+        return evaluate_methods(model, emb, cache, cfg, args.shots, episodes, [m for m in methods if m != "label_count"])
+
+    arms = []  # (name, made by, budget, result)
+    runs = ([("meta-learning only: ", args.meta_only)] if args.meta_only else []) + [("", e) for e in args.extra or []]
+    for role, run in runs:
+        ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
+        if (cfg.meta.n_way, cfg.meta.layout) != (mc.n_way, mc.layout):
+            raise SystemExit(f"{run} is a {cfg.meta.n_way}-way {cfg.meta.layout} run; {args.both} is "
+                             f"{mc.n_way}-way {mc.layout}: arms must be scored on the same episodes")
+        what = describe_arm(ck, cfg)
+        arms.append((f"{role}{what['model']} on {what['encoder']}", run, run_budget(ck, cfg),
+                     score(ck, cfg, ("mann",))["mann"]))
+    res = score(both_ck, both_cfg, ("mann", "label_count", "ncm", "logreg") if sequence else ("mann", "ncm", "logreg"))
+    what = describe_arm(both_ck, both_cfg)
+    enc = what["encoder"]
+    role = "both: " if both_cfg.meta.backbone == "mae" else ""
+    rep = "representation only: " if both_cfg.meta.backbone == "mae" else ""
+    if sequence:
+        arms.append(("label counting (never looks at the input)", "-", "computed", res["label_count"]))
+    arms.append((f"{rep}{enc} + nearest class mean", args.both, "-", res["ncm"]))
+    arms.append((f"{rep}{enc} + logistic regression", args.both, "-", res["logreg"]))
+    arms.append((f"{role}{what['model']} on {enc}", args.both, run_budget(both_ck, both_cfg), res["mann"]))
+
+    body = ["## Ablation (eval.py ablation)\n",
+            f"Every arm on the same {episodes} fixed {mc.n_way}-way `{mc.layout}` episodes of the held-out classes; "
+            f"mean accuracy +- 95% CI over episodes. Chance {100 / mc.n_way:.0f}%. Budget: what each arm was trained "
+            f"with (the baselines are fitted on each episode's labelled steps).\n"]
+    if sequence:
+        cols = [i for i in SANTORO_INSTANCES if i <= mc.seq_shots]
+        body += ["| arm | made by | budget | " + " | ".join(stmeta.ordinal(i) for i in cols) + " | all steps |",
+                 "|---|---|---|" + "--:|" * (len(cols) + 1)]
+        for name, run, budget, r in arms:
+            body.append(f"| {name} | `{run}` | {budget} | " + " | ".join(
+                f"{100 * r['per_instance'][i - 1]:.1f} +- {100 * r['per_instance_ci95'][i - 1]:.1f}" for i in cols)
+                + f" | {100 * r['mean']:.1f} +- {100 * r['ci95']:.1f} |")
+        charts = [(f"ablation_{stmeta.ordinal(i)}.png", f"{stmeta.ordinal(i)} presentation", i - 1) for i in (1, 2)]
+        for png, title, i in charts:
+            stmeta.bar_chart(os.path.join(folder, png), [a[0] for a in arms], [a[3]["per_instance"][i] for a in arms],
+                             [a[3]["per_instance_ci95"][i] for a in arms],
+                             title=f"{mc.n_way}-way, held-out classes: accuracy at the {title}", ylabel="accuracy",
+                             hline=1 / mc.n_way, hline_label="chance", size=(760, 420))
+            body.append(f"\n![{title}]({png})")
+    else:
+        body += ["| arm | made by | budget | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
+                 "|---|---|---|" + "---|" * len(args.shots)]
+        for name, run, budget, r in arms:
+            body.append(f"| {name} | `{run}` | {budget} | " + " | ".join(
+                f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}{collapsed(r[k])}" if k in r else "-"
+                for k in args.shots) + " |")
+        for k in args.shots:
+            png = f"ablation_{k}shot.png"
+            stmeta.bar_chart(os.path.join(folder, png), [a[0] for a in arms], [a[3][k]["mean"] for a in arms],
+                             [a[3][k]["ci95"] for a in arms], title=f"{mc.n_way}-way {k}-shot, held-out classes",
+                             ylabel="accuracy", hline=1 / mc.n_way, hline_label="chance", size=(760, 420))
+            body.append(f"\n![{k}-shot ablation]({png})")
     path = update_report(folder, "ablation", "\n".join(body), run_header(both_ck, both_cfg, cache, dev))
-    print("\n".join(body[2:2 + 2 + len(arms)]))
+    print("\n".join(body[2:4 + len(arms)]))
     print(f"report: {path}")
-    return {name: r for name, r in arms}
+    return {name: r for name, _, _, r in arms}
 
 
 # -----------------------------------------------------------------------------
@@ -735,9 +917,13 @@ def speed_mann_flops(cfg: stmeta.MANNConfig, input_dim: int, n_way: int, episode
     head projections, cosine addressing, reads and writes over the memory, output layer."""
     nh, N, M, Hc = cfg.read_heads, cfg.n_slots, cfg.slot_dim, cfg.controller_size
     x = cfg.input_proj or input_dim
-    write_fc = nh if cfg.write == "lrua" else nh * (3 * M + 4 + 2 * cfg.shift_range)
+    if cfg.write == "lrua":
+        write_fc = nh * (1 + (M if cfg.write_content == "add" else 0))  # alpha (+ the add vector)
+    else:
+        write_fc = nh * (3 * M + 4 + 2 * cfg.shift_range)
+    read_fc = nh * (M + (cfg.key_strength > 0))  # key (+ beta)
     memory = nh * N * M * (3 if cfg.write == "lrua" else 5)
-    per_step = (input_dim * cfg.input_proj + (x + n_way + nh * M + Hc) * 4 * Hc + Hc * nh * (M + 1)
+    per_step = (input_dim * cfg.input_proj + (x + n_way + nh * M + Hc) * 4 * Hc + Hc * read_fc
                 + Hc * write_fc + memory + (Hc + nh * M) * n_way)
     return 2.0 * episodes * S * per_step
 

@@ -129,6 +129,11 @@ def resolve_config(args, overrides, device) -> stmeta.Config:
     if cfg.meta.backbone == "scratch" and cfg.meta.freeze_backbone:
         print("backbone: scratch -> trained end to end with the MANN (a frozen random ViT would learn nothing)")
         cfg.meta.freeze_backbone = False
+    mc = cfg.meta
+    if (mc.rotate_classes or mc.max_shift) and mc.backbone != "pixels" and mc.freeze_backbone:
+        raise SystemExit(f"--meta.rotate_classes / --meta.max_shift augment every episode afresh, which a frozen "
+                         f"{mc.backbone} backbone's cached embeddings cannot show: add --finetune, use --backbone "
+                         f"pixels, or turn them off (--meta.rotate_classes=false --meta.max_shift=0)")
     if args.labeled_fraction is not None:
         if not 0 < args.labeled_fraction <= 1:
             raise SystemExit(f"--labeled-fraction {args.labeled_fraction}: must be in (0, 1]")
@@ -711,6 +716,32 @@ def move_episode(ep, device):
     return type(ep)(*[t.to(device, non_blocking=True) for t in ep])
 
 
+@torch.no_grad()
+def clip_table(cache, cfg, device, indices=None) -> torch.Tensor:
+    """Every clip at the backbone's input, once (centred window, no augmentation):
+    (N, C, T, H, W) float32 on `device`, rows not in `indices` zero. For the pixels backbone with
+    episode augmentation, whose input is cheap to keep and to augment afresh at every step."""
+    enc = cfg.model.encoder
+    indices = np.arange(len(cache.labels)) if indices is None else np.asarray(indices)
+    ds = data.ClipDataset(cache, indices, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
+                          size=enc.img_size, train=False)
+    table = torch.zeros(len(cache.labels), 3, enc.num_frames, enc.img_size, enc.img_size, device=device)
+    batches = [list(range(j, min(j + 256, len(ds)))) for j in range(0, len(ds), 256)]
+    for j, (video, _) in zip(range(0, len(ds), 256), loader(ds, batches, cfg, device)):
+        table[torch.as_tensor(indices[j:j + 256], device=device)] = video.to(device)
+    return table
+
+
+def sequence_curve(rows: list[dict]) -> dict[str, tuple[list, list]]:
+    """Validation accuracy by presentation (1st, 2nd, 3rd, 5th, 10th) against episodes trained."""
+    pts = [(r["episodes"], r["val_per_instance"]) for r in rows if "val_per_instance" in r and "episodes" in r]
+    if not pts:
+        return {}
+    n = len(pts[0][1])
+    return {f"{stmeta.ordinal(i + 1)} presentation": ([p[0] for p in pts], [p[1][i] for p in pts])
+            for i in (0, 1, 2, 4, 9) if i < n}
+
+
 def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
                encoder_state: dict | None) -> dict:
     mc = cfg.meta
@@ -722,19 +753,22 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             print(f"{folder}: MANN already finished; skipping")
         return resume_ck
 
-    # episodes: meta-train classes for training, held-out meta-test classes for validation
+    # episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
+    # meta-test classes for validation (never augmented)
     train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
                                       cfg.seed)
     val_pool = cache.indices(class_split="meta_test")
     ep_kw = dict(n_way=mc.n_way, k_shot=mc.k_shot, n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots)
-    train_eps = data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"), **ep_kw)
+    augment = mc.rotate_classes or mc.max_shift > 0
+    train_eps = data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"), rotations=mc.rotate_classes,
+                                    max_shift=mc.max_shift, **ep_kw)
     val_eps = data.EpisodeSampler(cache, val_pool, cache.classes_in("meta_test"), **ep_kw)
 
-    backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size)
+    backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size, channels=mc.pixels_channels or None)
     if encoder_state is not None and mc.backbone == "mae":
         backbone.vit.load_state_dict(encoder_state)
     mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way)
-    model = models.MetaLearner(backbone, mann).to(device)  # backbone + input norm + MANN: one state dict
+    model = models.MetaLearner(backbone, mann, input_norm=mc.input_norm).to(device)  # one state dict
     frozen = mc.freeze_backbone or mc.backbone == "pixels"
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [{"params": head, "lr_scale": 1.0, "weight_decay": mc.weight_decay}]
@@ -750,8 +784,13 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         best = metrics.get("best_val_acc", best)
     total = mc.steps
 
-    emb = None
-    if frozen:  # every clip through the frozen backbone once; episodes then index the table
+    # What feeds the MANN, cheapest first:
+    #   emb     (N, D) every clip through a frozen backbone once; episodes index the table
+    #   inputs  (N, C, T, H, W) every clip at the input, once: pixels whose episodes are augmented
+    #           (rotated classes, translations), which must go through the backbone at every step
+    #   clips_iter  end to end: DataLoader workers prepare each step's clips ahead of time
+    emb = inputs = clips_iter = None
+    if frozen and not augment:
         emb_path = os.path.join(folder, "embeddings.pt")
         if os.path.exists(emb_path):
             emb = stmeta.load_checkpoint(emb_path)["embeddings"].to(device)
@@ -761,37 +800,65 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                 stmeta.save_checkpoint(emb_path, {"embeddings": emb.cpu(), "backbone": mc.backbone})
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
-    elif dist.is_main:
-        print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr}); "
-              f"{mc.batch_size * train_eps.steps} clips a step, loaded by {cfg.data.workers} worker(s)")
-    describe(cfg, device, precision, model, dist, f"MANN ({mc.n_way}-way {mc.k_shot}-shot, {mc.layout})")
-    ddp_model = wrap_model(model, cfg, device, dist)
-
-    @torch.no_grad()
-    def validate() -> float:
-        """Accuracy on fixed episodes of the held-out classes (the same ones at every call)."""
-        model.eval()
-        table = emb if emb is not None else embed_all(model.backbone, cache, cfg, device, precision,
-                                                      indices=val_pool, quiet=True)
-        g = torch.Generator().manual_seed(cfg.seed + 12345)
-        correct = n = 0
-        for _ in range(math.ceil(mc.val_episodes / mc.batch_size)):
-            ep = move_episode(val_eps.sample(mc.batch_size, g), device)
-            with stmeta.autocast(device, precision):
-                _, ok = episode_loss(model, table[ep.clips], ep)
-            correct += ok[ep.is_query].sum().item()
-            n += ep.is_query.sum().item()
-        model.train()
-        return correct / max(n, 1)
-
-    clips_iter = None
-    if emb is None:  # end to end: DataLoader workers prepare each step's clips ahead of time
+    elif frozen:
+        inputs = clip_table(cache, cfg, device)
+        if dist.is_main:
+            print(f"backbone: {mc.backbone} ({backbone.out_dim} features), computed at every step from "
+                  f"{inputs.shape[0]} cached clips: meta-train episodes augmented "
+                  f"(rotated classes {mc.rotate_classes}, shifts up to {mc.max_shift} px)")
+    else:
         clip_ds = StepClips(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
                             sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=True,
                             scale_min=cfg.data.scale_min, hflip=cfg.data.hflip, seed=cfg.seed)
         keys = ([(s * mc.accum_steps + m, int(i)) for i in episodes_at(train_eps, s, m, mc, cfg.seed, dist).clips.flatten()]
                 for s in range(step, total) for m in range(mc.accum_steps))
         clips_iter = iter(loader(clip_ds, keys, cfg, device))
+        if dist.is_main:
+            print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr}); "
+                  f"{mc.batch_size * train_eps.steps} clips a step, loaded by {cfg.data.workers} worker(s)")
+    episode = (f"{mc.n_way}-way {mc.k_shot}-shot, support/query" if mc.layout == "support_query" else
+               f"{mc.n_way}-way, {mc.seq_shots} instances a class, sequence")
+    describe(cfg, device, precision, model, dist, f"{'LSTM, no memory' if cfg.mann.read_heads == 0 else 'MANN'} "
+                                                  f"({episode})")
+    ddp_model = wrap_model(model, cfg, device, dist)
+
+    def episode_input(ep) -> torch.Tensor:
+        """(B, S, D): what the MANN reads at each step of a batch of (augmented) episodes."""
+        if emb is not None:
+            return emb[ep.clips]  # cached embeddings
+        video = inputs[ep.clips.flatten()] if inputs is not None else next(clips_iter)[0].to(device, non_blocking=True)
+        if augment:  # (B*S, C, T, H, W), each clip turned and shifted as its episode says
+            video = data.augment_clips(video, ep.rotation.flatten(), ep.down.flatten(), ep.right.flatten())
+        return model.backbone(video).view(*ep.clips.shape, -1)
+
+    @torch.no_grad()
+    def validate() -> tuple[float, list[float] | None]:
+        """Accuracy on fixed episodes of the held-out classes (the same ones at every call), and
+        in the sequence layout the accuracy at each presentation of a class (1st ... seq_shots-th)."""
+        model.eval()
+        if emb is not None:
+            table = emb
+        elif inputs is not None:
+            table = torch.cat([model.backbone(chunk) for chunk in inputs.split(1024)])
+        else:
+            table = embed_all(model.backbone, cache, cfg, device, precision, indices=val_pool, quiet=True)
+        g = torch.Generator().manual_seed(cfg.seed + 12345)
+        correct = n = 0
+        per = torch.zeros(2, mc.seq_shots, device=device)  # correct, count by presentation
+        for _ in range(math.ceil(mc.val_episodes / mc.batch_size)):
+            ep = move_episode(val_eps.sample(mc.batch_size, g), device)
+            with stmeta.autocast(device, precision):
+                _, ok = episode_loss(model, table[ep.clips], ep)
+            correct += ok[ep.is_query].sum().item()
+            n += ep.is_query.sum().item()
+            if mc.layout == "sequence":
+                per[0].index_add_(0, ep.instance.flatten(), ok.flatten().float())
+                per[1].index_add_(0, ep.instance.flatten(), torch.ones_like(ok.flatten(), dtype=torch.float))
+        model.train()
+        if frozen:
+            backbone.eval()
+        by_instance = (per[0] / per[1].clamp_min(1)).tolist() if mc.layout == "sequence" else None
+        return correct / max(n, 1), by_instance
 
     log_every = args.log_every or max(1, total // 50)
     stop_at = step + args.stop_after if args.stop_after else total
@@ -809,12 +876,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             ep = move_episode(episodes_at(train_eps, step, micro, mc, cfg.seed, dist), device)
             sync = ddp_model.no_sync() if (dist.enabled and micro < mc.accum_steps - 1) else stmeta.nullcontext()
             with sync, stmeta.autocast(device, precision):
-                if emb is not None:
-                    x = emb[ep.clips]  # (B, S, D) cached embeddings
-                else:
-                    video, _ = next(clips_iter)  # (B*S, C, T, H, W)
-                    x = model.backbone(video.to(device, non_blocking=True)).view(*ep.clips.shape, -1)
-                loss, ok = episode_loss(ddp_model, x, ep)
+                loss, ok = episode_loss(ddp_model, episode_input(ep), ep)
             (loss / mc.accum_steps).backward()
             loss_sum += loss.detach()
             acc_sum += (ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1)
@@ -832,12 +894,15 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             train_loss = (loss_sum / max(loss_n, 1)).item()
             check_finite(train_loss, step, folder)
             dt = time.time() - t0
+            metrics["train_seconds"] = metrics.get("train_seconds", 0.0) + dt  # kept across a resume
             rec = {"step": step, "total": total, "loss": train_loss, "train_acc": (acc_sum / max(loss_n, 1)).item(),
-                   "lr": lr_now, "ms/step": 1000 * dt / max(loss_n / mc.accum_steps, 1),
-                   "episodes/s": n_eps / max(dt, 1e-9),
+                   "lr": lr_now, "episodes": step * mc.batch_size * mc.accum_steps * dist.world_size,
+                   "ms/step": 1000 * dt / max(loss_n / mc.accum_steps, 1), "episodes/s": n_eps / max(dt, 1e-9),
                    "eta": stmeta.format_duration((total - step) * dt / max(loss_n / mc.accum_steps, 1))}
             if do_eval and dist.is_main:
-                rec["val_acc"] = validate()
+                rec["val_acc"], by_instance = validate()
+                if by_instance is not None:
+                    rec["val_per_instance"] = by_instance
                 metrics["val_acc"] = rec["val_acc"]
                 if rec["val_acc"] > best:
                     best = rec["val_acc"]
@@ -851,6 +916,13 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             stmeta.save_checkpoint(os.path.join(folder, "last.pt"),
                                    checkpoint("mann", cfg, model, optimizer, step, total, metrics))
     end_phase(ddp_model, dist, step, total, folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
+    if dist.is_main and mc.layout == "sequence":
+        curve = sequence_curve(stmeta.read_log(os.path.join(folder, "log.jsonl")))
+        if curve:
+            stmeta.line_chart(os.path.join(folder, "learning_curve.png"), curve, y_from=0.0,
+                              refs={"chance": 1 / mc.n_way},
+                              title=f"MANN, held-out classes: accuracy by presentation ({mc.n_way}-way, "
+                                    f"{mc.seq_shots} instances)", xlabel="episodes trained", ylabel="accuracy")
     return checkpoint("mann", cfg, model, optimizer, step, total, metrics)
 
 
@@ -949,6 +1021,8 @@ def main(argv=None) -> dict:
     RUN_INFO.update(data=os.path.abspath(args.data), init=os.path.abspath(source) if source else None)
     if args.stage == 3 and cfg.meta.pretrain_steps:
         cfg.pretrain.max_steps = cfg.meta.pretrain_steps
+    if args.stage == 3 and cfg.meta.pixels_channels == 0:  # grey data stays one channel for the pixels backbone
+        cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
 
     result: dict = {"run": out}
     if args.stage == 1:
@@ -1003,10 +1077,19 @@ def main(argv=None) -> dict:
             import eval as evaluate  # evaluation lives in eval.py; train.py only calls it at the end
             res = evaluate.fewshot(out, device=str(device), cache=cache)
             result["fewshot"] = res
-            one = res["mann"].get(1) or next(iter(res["mann"].values()))
-            print(f"stage 3 done: {cfg.meta.n_way}-way 1-shot accuracy on held-out classes: "
-                  f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
-                  f"chance {100 / cfg.meta.n_way:.0f}%)")
+            if cfg.meta.layout == "sequence":
+                seq, blind = res["mann"]["sequence"], res["label_count"]["sequence"]
+                print(f"stage 3 done: {cfg.meta.n_way}-way, held-out classes, accuracy at the 1st / 2nd / "
+                      f"{stmeta.ordinal(cfg.meta.seq_shots)} presentation: " + " / ".join(
+                          f"{100 * seq['per_instance'][i]:.1f}%" for i in (0, 1, cfg.meta.seq_shots - 1))
+                      + f" (label counting: " + " / ".join(
+                          f"{100 * blind['per_instance'][i]:.1f}%" for i in (0, 1, cfg.meta.seq_shots - 1))
+                      + f"; {seq['episodes']} episodes)")
+            else:
+                one = res["mann"].get(1) or next(iter(res["mann"].values()))
+                print(f"stage 3 done: {cfg.meta.n_way}-way 1-shot accuracy on held-out classes: "
+                      f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
+                      f"chance {100 / cfg.meta.n_way:.0f}%)")
             print(f"report: {os.path.join(out, 'report.md')}")
     stmeta.cleanup_distributed(dist)
     return result

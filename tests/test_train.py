@@ -209,8 +209,8 @@ def test_episode_loss_is_the_mean_over_scored_steps():
     x = torch.randn(2, 4, 5, generator=g)
     target = torch.tensor([[0, 1, 2, 1], [2, 0, 1, 0]])
     is_query = torch.tensor([[False, False, True, True], [False, False, False, True]])
-    ep = data.Episode(torch.zeros(2, 4, dtype=torch.long), target, torch.where(is_query, -1, target), is_query,
-                      torch.zeros(2, 4, dtype=torch.long))
+    zeros = torch.zeros(2, 4, dtype=torch.long)  # clips, and instance, rotation, down, right
+    ep = data.Episode(zeros, target, torch.where(is_query, -1, target), is_query, zeros, zeros, zeros, zeros)
     loss, ok = train.episode_loss(mann, x, ep)
     logits, _ = mann(x, ep.label_in)
     expected = torch.nn.functional.cross_entropy(logits[is_query], target[is_query])
