@@ -170,6 +170,66 @@ def shift_stack(video: Tensor, shifts: list[tuple[int, int]]) -> Tensor:
     return torch.cat(views, dim=1)  # (B, 5C, T, H, W)
 
 
+class PatchEmbed(nn.Module):
+    """Linear tubelet embedding: patchify, then one Linear. Equal to mae_st's Conv3d with
+    kernel = stride = (t, p, p) (see `conv3d_to_linear_weight`)."""
+
+    def __init__(self, in_chans: int, tubelet: int, patch: int, dim: int):
+        super().__init__()
+        self.tubelet, self.patch = tubelet, patch
+        self.proj = nn.Linear(tubelet * patch * patch * in_chans, dim)
+        self.fast = True  # `tubelet_tokens`; False: patchify, then drop the masked tokens (set_fast_paths)
+
+    def forward(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """video (B, C, T, H, W) -> (B, L', D); ids_keep (B, L') embeds only those tokens."""
+        if not self.fast:
+            x = gather_tokens(patchify(video, self.tubelet, self.patch), ids_keep)  # (B, L', P)
+        else:  # the same vectors, and only the kept tokens are ever copied
+            x = tubelet_tokens(video, self.tubelet, self.patch, [], ids_keep)  # (B, L', P)
+        return self.proj(x)  # (B, L', D)
+
+
+class ShiftedPatchTokenizer(nn.Module):
+    """SPT for video (Lee et al. eq. 2 per frame): each frame and four shifted copies on
+    channels (5C), cut into tubelets, LayerNorm'ed, projected."""
+
+    def __init__(self, in_chans: int, tubelet: int, patch: int, dim: int, shift: str = "diagonal_half",
+                 eps: float = 1e-6):
+        super().__init__()
+        self.tubelet, self.patch = tubelet, patch
+        self.shifts = spt_shifts(shift, patch)
+        patch_dim = tubelet * patch * patch * in_chans * (1 + len(self.shifts))
+        self.norm = nn.LayerNorm(patch_dim, eps=eps)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.fast = True  # forward_fast; False: the paper's composition below (set_fast_paths)
+
+    def forward(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """video (B, C, T, H, W) -> (B, L', D); ids_keep (B, L') keeps only those tokens: the
+        shifts see the whole frame, the norm and projection only the kept tokens.
+        Lee et al. eq. 2: S(x) = LN(P([x, s1, s2, s3, s4])) E, P cutting into patches."""
+        if self.fast:
+            return self.forward_fast(video, ids_keep)
+        x = shift_stack(video, self.shifts)  # (B, 5C, T, H, W): [x, s1, s2, s3, s4] on channels
+        x = gather_tokens(patchify(x, self.tubelet, self.patch), ids_keep)  # (B, L', 5P)
+        return self.proj(self.norm(x))  # (B, L', D)
+
+    def forward_fast(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """`forward`'s function, the same parameters (tested equal, outputs and gradients) in
+        fewer copies and products: the kept tubelets are read straight out of the shifted
+        windows (`tubelet_tokens`), and the norm's affine is folded into the projection."""
+        x = tubelet_tokens(video, self.tubelet, self.patch, self.shifts, ids_keep)  # (B, L', 5P)
+        # proj(norm(x)) = x_hat (W diag(g))^T + (W beta + b). The backward then no longer needs the
+        # gradient of the wide (B, L', 5P) normalised tokens (a 5P x D matrix product and a LayerNorm
+        # backward per step) to reach g and beta.
+        x_hat = F.layer_norm(x, x.shape[-1:], eps=self.norm.eps)  # (B, L', 5P)
+        weight = self.proj.weight * self.norm.weight  # (D, 5P)
+        bias = self.proj.bias + (self.proj.weight * self.norm.bias).sum(-1)  # (D,), outside autocast's bf16 matmuls
+        return F.linear(x_hat, weight, bias)  # (B, L', D)
+
+
+# -- the tokenizers' fast path (set_fast_paths): patchify's vectors in one copy of the kept tokens
+
+
 def tubelet_tokens(video: Tensor, t: int, p: int, shifts: list[tuple[int, int]],
                    ids_keep: Tensor | None = None) -> Tensor:
     """gather_tokens(patchify(shift_stack(video, shifts), t, p), ids_keep) in one copy of the kept
@@ -198,49 +258,6 @@ def tubelet_tokens(video: Tensor, t: int, p: int, shifts: list[tuple[int, int]],
         views.append(x)
     x = torch.stack(views, dim=-2) if len(views) > 1 else views[0]  # (B, L' | gt, gh, gw, t, p, p, [V,] C)
     return x.reshape(B, -1, t * p * p * C * len(views))  # (B, L', P); copies only a lone unmasked view
-
-
-class PatchEmbed(nn.Module):
-    """Linear tubelet embedding: patchify, then one Linear. Equal to mae_st's Conv3d with
-    kernel = stride = (t, p, p) (see `conv3d_to_linear_weight`)."""
-
-    def __init__(self, in_chans: int, tubelet: int, patch: int, dim: int):
-        super().__init__()
-        self.tubelet, self.patch = tubelet, patch
-        self.proj = nn.Linear(tubelet * patch * patch * in_chans, dim)
-
-    def forward(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
-        """video (B, C, T, H, W) -> (B, L', D); ids_keep (B, L') embeds only those tokens."""
-        x = tubelet_tokens(video, self.tubelet, self.patch, [], ids_keep)  # (B, L', P)
-        return self.proj(x)  # (B, L', D)
-
-
-class ShiftedPatchTokenizer(nn.Module):
-    """SPT for video (Lee et al. eq. 2 per frame): each frame and four shifted copies on
-    channels (5C), cut into tubelets, LayerNorm'ed, projected."""
-
-    def __init__(self, in_chans: int, tubelet: int, patch: int, dim: int, shift: str = "diagonal_half",
-                 eps: float = 1e-6):
-        super().__init__()
-        self.tubelet, self.patch = tubelet, patch
-        self.shifts = spt_shifts(shift, patch)
-        patch_dim = tubelet * patch * patch * in_chans * (1 + len(self.shifts))
-        self.norm = nn.LayerNorm(patch_dim, eps=eps)
-        self.proj = nn.Linear(patch_dim, dim)
-
-    def forward(self, video: Tensor, ids_keep: Tensor | None = None) -> Tensor:
-        """video (B, C, T, H, W) -> (B, L', D); the shifts see the whole frame, the norm and
-        projection only the kept tokens (masked tokens cost nothing).
-        Equal to proj(norm(gather_tokens(patchify(shift_stack(video)), ids_keep))) (tested)."""
-        x = tubelet_tokens(video, self.tubelet, self.patch, self.shifts, ids_keep)  # (B, L', 5P)
-        # The norm's affine folded into the projection: proj(norm(x)) = x_hat (W diag(g))^T + (W beta + b).
-        # The same function of the same parameters, but the backward no longer needs the gradient
-        # of the wide (B, L', 5P) normalised tokens (a 5P x D matrix product and a LayerNorm
-        # backward per step) to reach g and beta.
-        x_hat = F.layer_norm(x, x.shape[-1:], eps=self.norm.eps)  # (B, L', 5P)
-        weight = self.proj.weight * self.norm.weight  # (D, 5P)
-        bias = self.proj.bias + (self.proj.weight * self.norm.bias).sum(-1)  # (D,), outside autocast's bf16 matmuls
-        return F.linear(x_hat, weight, bias)  # (B, L', D)
 
 
 # -----------------------------------------------------------------------------
@@ -358,46 +375,68 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.lsa = num_heads, head_dim, lsa
         inner = num_heads * head_dim  # need not equal dim (the authors' decoder: 16 x 16 = 256 > 96)
-        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)  # weight rows: q's, then k's, then v's
         self.proj = nn.Linear(inner, dim)
         self.attn_dropout = attn_dropout
         self.proj_drop = nn.Dropout(dropout)
         if lsa:  # Lee et al. call it `scale`: it multiplies the logits
             self.temperature = nn.Parameter(torch.full((num_heads,), head_dim ** -0.5))
-        self.fast = True  # F.scaled_dot_product_attention; False: attention_reference
+        self.fast = True  # forward_fast; False: the written-out form below (set_fast_paths)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, D) -> (B, L, D): each head softmax(q k^T * scale) v, the heads side by side,
+        the output projection. scale is LSA's learnable temperature, with the diagonal masked
+        (Lee et al. sec. 3.3), else 1/sqrt(hs)."""
+        if self.fast:
+            return self.forward_fast(x)
         B, L, D = x.shape
         nh, hs = self.num_heads, self.head_dim
+        q, k, v = (z.view(B, L, nh, hs).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))  # 3 x (B, nh, L, hs)
+        scale = self.temperature if self.lsa else hs ** -0.5
         p = self.attn_dropout if self.training else 0.0
-        mask_diagonal = self.lsa and L > 1
-        if not self.fast:
-            qkv = self.qkv(x).view(B, L, 3, nh, hs)  # (B, L, 3, nh, hs)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, L, hs)
-            scale = self.temperature if self.lsa else hs ** -0.5
-            out = attention_reference(q, k, v, scale, mask_diagonal, p)  # (B, nh, L, hs)
-        else:
-            weight, bias = self.qkv.weight, self.qkv.bias  # (3*nh*hs, D): q rows, then k, then v
-            if self.lsa:  # the temperature scales q: fold it into q's rows of the (small) weight
-                rows = torch.cat([self.temperature.repeat_interleave(hs), self.temperature.new_ones(2 * nh * hs)])
-                weight = weight * rows[:, None]
-                bias = bias * rows if bias is not None else None
-            qkv = F.linear(x, weight, bias).view(B, L, 3, nh, hs)  # (B, L, 3, nh, hs)
-            # The same strided views as permute(2, 0, 3, 1, 4).unbind(0), taken in this order so
-            # that the backward stacks the three gradients straight into qkv's layout (one copy, not two).
-            q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # 3 x (B, nh, L, hs)
-            allowed = ~torch.eye(L, dtype=torch.bool, device=x.device) if mask_diagonal else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p,
-                                                 scale=1.0 if self.lsa else hs ** -0.5)  # (B, nh, L, hs)
+        out = attention_reference(q, k, v, scale, mask_diagonal=self.lsa, dropout_p=p)  # (B, nh, L, hs)
+        out = out.transpose(1, 2).reshape(B, L, nh * hs)  # (B, L, nh*hs)
+        return self.proj_drop(self.proj(out))  # (B, L, D)
+
+    def forward_fast(self, x: Tensor) -> Tensor:
+        """`forward`'s function, the same parameters (tested equal, outputs and gradients), with
+        torch's fused kernel (F.scaled_dot_product_attention), the temperature folded into the
+        weight and q/k/v taken in the order that saves a backward copy."""
+        B, L, D = x.shape
+        nh, hs = self.num_heads, self.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias  # (3*nh*hs, D): q rows, then k, then v
+        if self.lsa:  # the temperature scales q: fold it into q's rows of the (small) weight
+            rows = torch.cat([self.temperature.repeat_interleave(hs), self.temperature.new_ones(2 * nh * hs)])
+            weight = weight * rows[:, None]
+            bias = bias * rows if bias is not None else None
+        qkv = F.linear(x, weight, bias).view(B, L, 3, nh, hs)  # (B, L, 3, nh, hs)
+        # The same strided views as chunk(3) then a head split, taken in this order so that the
+        # backward stacks the three gradients straight into qkv's layout (one copy, not two).
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # 3 x (B, nh, L, hs)
+        allowed = ~torch.eye(L, dtype=torch.bool, device=x.device) if self.lsa and L > 1 else None
+        p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p,
+                                             scale=1.0 if self.lsa else hs ** -0.5)  # (B, nh, L, hs)
         out = out.transpose(1, 2).reshape(B, L, nh * hs)  # (B, L, nh*hs)
         return self.proj_drop(self.proj(out))  # (B, L, D)
 
 
-def set_fast_attention(module: nn.Module, fast: bool) -> None:
-    """Switch every Attention in `module` between the fused kernel and the written-out one."""
+def set_fast_paths(module: nn.Module, fast: bool) -> None:
+    """The one switch between the two forms of every tokenizer and attention in `module`.
+
+    True (how models are built): `tubelet_tokens`, SPT's LayerNorm affine folded into its
+    projection, the fused attention kernel with LSA's temperature folded into q's weight rows.
+    False: each as the papers write it (shift_stack, patchify, nn.LayerNorm, nn.Linear;
+    `attention_reference`). The same function of the same parameters either way (tested, outputs
+    and gradients); the state dict does not change."""
     for m in module.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, (PatchEmbed, ShiftedPatchTokenizer, Attention)):
             m.fast = fast
+
+
+def set_fast_attention(module: nn.Module, fast: bool) -> None:
+    """The old name of `set_fast_paths` (it now switches the tokenizers too)."""
+    set_fast_paths(module, fast)
 
 
 # -----------------------------------------------------------------------------

@@ -12,14 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
+import models
 import stmeta
 from models import (
     MANN, Attention, Backbone, MetaLearner, Block, Classifier, LRUAWriteHead, LSTMController, MANNState, NTMWriteHead,
     PatchEmbed, ReadHead, ShiftedPatchTokenizer, VideoMAE, VideoViT, attention_reference, build_backbone,
     circular_shift, content_addressing, conv3d_to_linear_weight, cosine_similarity, count_parameters,
     gather_tokens, interpolate, least_used, lrua_usage, lrua_write, memory_read, ntm_write, param_groups,
-    patchify, random_masking, separable_pos_embed, set_fast_attention, sharpen, shift_stack, sincos_3d,
-    sincos_videomae, spt_shifts, tube_masking, tubelet_tokens, unpatchify,
+    patchify, random_masking, separable_pos_embed, set_fast_attention, set_fast_paths, sharpen, shift_stack,
+    sincos_3d, sincos_videomae, spt_shifts, tube_masking, tubelet_tokens, unpatchify,
 )
 
 
@@ -61,6 +62,36 @@ def per_head(value) -> torch.Tensor:
 def batch(*rows) -> torch.Tensor:
     """Rows stacked into one batch element: (B=1, len(rows), n); one row gives (1, 1, n)."""
     return torch.tensor(rows, dtype=torch.float64)[None]
+
+
+def assert_forms_agree(module: nn.Module, run, inputs: list[torch.Tensor], tol: float = 1e-10) -> None:
+    """run() with `module`'s paper forms (set_fast_paths False) and its fast forms (True), in
+    float64: the same output, and the same gradients of a random projection of it for `inputs`
+    and every parameter. Leaves the module fast, as it is built."""
+    results = []
+    for fast in (False, True):
+        set_fast_paths(module, fast)
+        out = run()
+        weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad((out * weights).sum(), inputs + list(module.parameters()), allow_unused=True)
+        results.append((out, grads))
+    set_fast_paths(module, True)
+    (paper, paper_grads), (fast, fast_grads) = results
+    assert torch.allclose(fast, paper, rtol=tol, atol=tol)
+    names = [f"input {i}" for i in range(len(inputs))] + [n for n, _ in module.named_parameters()]
+    for name, a, b in zip(names, fast_grads, paper_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.allclose(a, b, rtol=tol, atol=tol), name
+
+
+def perturb(module: nn.Module, std: float = 0.2) -> nn.Module:
+    """Move every parameter off its initial value (unit norms, zero biases, equal temperatures,
+    a zero temporal_fc), so that a fold of one into another is really tested."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn_like(p))
+    return module
 
 
 # -----------------------------------------------------------------------------
@@ -198,6 +229,21 @@ def test_spt_folded_norm_equals_norm_then_projection():
             assert torch.allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["diagonal_half", "cardinal_half", "cardinal_1", "linear"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_tokenizer_paper_form_equals_fast_form(mode, masked):
+    """SPT as Lee et al. write it (shift_stack, patchify, LayerNorm, Linear) and its fast form
+    (tubelet_tokens, the norm's affine folded into the projection); PatchEmbed's patchify and
+    its tubelet_tokens: equal outputs and gradients, input and parameters, in float64."""
+    torch.manual_seed(0)
+    tok = PatchEmbed(3, 2, 4, 16) if mode == "linear" else ShiftedPatchTokenizer(3, 2, 4, 16, shift=mode)
+    perturb(tok.double())
+    x = torch.randn(3, 3, 4, 8, 12, dtype=torch.float64, requires_grad=True)  # 2 x 2 x 3 tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(3)]) if masked else None
+    assert_forms_agree(tok, lambda: tok(x, ids), [x])
+
+
 # -----------------------------------------------------------------------------
 # positional embeddings
 
@@ -298,6 +344,39 @@ def test_attention_gradcheck():
         assert gradcheck(attn, (x,))
 
 
+@pytest.mark.parametrize("lsa", [False, True])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("L", [1, 2, 7])
+def test_attention_written_out_form_equals_fast_form(lsa, qkv_bias, L):
+    """logits = q k^T * temperature with the diagonal masked, softmax, times v (forward) and the
+    fused kernel with the temperature folded into q's weight rows and q/k/v unbound in another
+    order (forward_fast): equal outputs and gradients in float64, a lone token included."""
+    torch.manual_seed(0)
+    attn = perturb(Attention(24, 3, 16, qkv_bias=qkv_bias, lsa=lsa).double())
+    x = torch.randn(2, L, 24, dtype=torch.float64, requires_grad=True)
+    assert_forms_agree(attn, lambda: attn(x), [x])
+
+
+def test_the_paper_forms_run_no_fast_piece(monkeypatch):
+    """set_fast_paths(model, False) reaches every tokenizer and attention: with the fused kernel
+    and tubelet_tokens out of reach the model still runs."""
+    def unreachable(*args, **kwargs):
+        raise AssertionError("a fast path ran in the paper form")
+
+    def flags(mae):
+        return [m.fast for m in mae.modules() if isinstance(m, (Attention, PatchEmbed, ShiftedPatchTokenizer))]
+    for kw in (dict(), dict(spt=False)):
+        mae = VideoMAE(tiny_mae(kw))
+        set_fast_paths(mae, False)
+        with monkeypatch.context() as patch:
+            patch.setattr(models, "tubelet_tokens", unreachable)
+            patch.setattr(models.F, "scaled_dot_product_attention", unreachable)
+            mae(video())[0].backward()
+        assert len(flags(mae)) == 2 + 1 + 1 and not any(flags(mae))  # 2 encoder blocks, 1 decoder block, tokenizer
+        set_fast_attention(mae, True)  # the old name switches the same paths
+        assert all(flags(mae))
+
+
 def test_divided_equals_joint_with_one_time_slice():
     torch.manual_seed(0)
     cfg = tiny_vit(num_frames=2, tubelet_size=2)  # one token time slice
@@ -376,6 +455,22 @@ def test_fast_and_written_out_attention_give_the_same_mae():
     set_fast_attention(mae, False)
     slow = mae(x, generator=torch.Generator().manual_seed(0))[1]
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", ["diagonal_half", "cardinal_half", "cardinal_1", "linear"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("lsa", [False, True])
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_mae_paper_forms_equal_fast_forms(tokens, masked, lsa, attention):
+    """The whole MAE (encoder on the kept tokens, decoder on all) with every tokenizer and
+    attention in its paper form and in its fast form: equal predictions and gradients, float64."""
+    torch.manual_seed(0)
+    enc = dict(spt=tokens != "linear", spt_shift="diagonal_half" if tokens == "linear" else tokens, lsa=lsa,
+               attention=attention, qkv_bias=True)
+    mae = perturb(VideoMAE(tiny_mae(enc, mask_type="tube" if attention == "divided" else "random")).double())
+    x = video().double().requires_grad_()
+    ratio = 0.75 if masked else 0.0
+    assert_forms_agree(mae, lambda: mae(x, mask_ratio=ratio, generator=torch.Generator().manual_seed(0))[1], [x])
 
 
 @pytest.mark.parametrize("enc,kw", [(dict(), dict()), (dict(attention="divided"), dict(mask_type="tube")),
