@@ -16,6 +16,27 @@ Reference code read next to the papers (nothing copied): facebookresearch/mae_st
 MCG-NJU/VideoMAE, aanna0701/SPT_LSA_ViT, facebookresearch/TimeSformer,
 loudinthecloud/pytorch-ntm, snowkylin/ntm.
 
+Where the papers' parts are, in file order (search for the name):
+  patchify, random_masking, tube_masking      tubelets and masking (MAE-ST sec. 3; VideoMAE's tubes)
+  shift_stack, ShiftedPatchTokenizer          SPT: Lee et al. sec. 3.2, eq. 2 (PatchEmbed: no shifts)
+  add_pos_embed, sincos_3d, sincos_videomae   positions: learned separable or joint, fixed sin-cos
+  attention_reference, Attention              attention written out; LSA (Lee et al. sec. 3.3)
+  Block                                       pre-norm block, joint or divided space-time (TimeSformer sec. 3)
+  VideoViT                                    the encoder: tokens + positions, blocks, final norm
+  VideoMAE                                    masking, the encoder on visible tokens, decoder, loss
+  Classifier, param_groups                    fine-tuning: pooled features and a head; layer-wise lr decay
+  content_addressing, ntm_write, lrua_write   MANN memory addressing, pure functions (NTM sec. 3, Santoro sec. 3)
+  LSTMController, ReadHead                    the MANN's controller and read head
+  LRUAWriteHead, NTMWriteHead, MANN           its two kinds of write head; the network over an episode
+  Backbone, MetaLearner                       stage 3: clip embeddings, then the MANN
+  load_published (the last section)           not the core: other repositories' checkpoints mapped onto our
+                                              VideoMAE; a reader of the papers can skip it
+
+Fast paths: each tokenizer's and attention's `forward` is written as its paper writes it, and
+beside it a fast form (`forward_fast`, `tubelet_tokens`) computes the same function of the same
+parameters in fewer copies (tested equal, outputs and gradients). Models are built running the
+fast forms; `set_fast_paths(model, False)` runs the paper forms instead.
+
 Run: nothing to run here; `python -m pytest tests/test_models.py` checks it.
 
 Shape legend
@@ -1176,7 +1197,11 @@ class MetaLearner(nn.Module):
         return self.mann(self.norm(x), label_in, state)
 
 
-# -----------------------------------------------------------------------------
+# =============================================================================
+# NOT THE CORE. Everything from here to the end of the file loads other repositories'
+# published checkpoints into our VideoMAE (train.py --init / --pretrained). It implements no paper:
+# it is key renaming and tensor bookkeeping, and a reader of the papers can stop here.
+# =============================================================================
 # Loading published checkpoints: mae_st (its own form and PySlowFast's) and VideoMAE
 #
 # `load_published` takes a checkpoint dict read with weights_only (stmeta.load_checkpoint), finds
@@ -1585,10 +1610,6 @@ def joint_positions(sd: dict[str, Tensor], prefix: str, kind: str, cls: bool, gr
         sd[prefix] = sincos_videomae(grid[0] * grid[1] * grid[2], dim)  # (1, L, D)
 
 
-def _fold(text: str, i: str) -> str:
-    return re.sub(rf"(blocks|transforms\.0)\.{i}\.", r"\1.{i}.", text)
-
-
 def _grouped(origin: dict[str, str]) -> list[str]:
     """'our key <- file key' lines, one per kind of block parameter: blocks.{i} (i = 0-23)."""
     groups: dict[tuple[str, str], list[int]] = {}
@@ -1596,8 +1617,10 @@ def _grouped(origin: dict[str, str]) -> list[str]:
         m = re.search(r"blocks\.(\d+)\.", ours)
         if m is None:
             groups[(ours, src)] = []
-        else:
-            groups.setdefault((_fold(ours, m.group(1)), _fold(src, m.group(1))), []).append(int(m.group(1)))
+            continue
+        i = m.group(1)  # the block index, written {i} in both keys (PySlowFast's decoder: transforms.0.i)
+        kind = tuple(re.sub(rf"(blocks|transforms\.0)\.{i}\.", r"\1.{i}.", key) for key in (ours, src))
+        groups.setdefault(kind, []).append(int(i))
     lines = []
     for (ours, src), idx in groups.items():
         if len(idx) == 1:
