@@ -780,7 +780,8 @@ def cmd_export(args) -> dict:
 #
 # One run measures the training steps (MAE pretraining at three mask ratios, classifier
 # fine-tuning, the encoder against timm-style blocks and against SPT + LSA as their published
-# code writes them, MANN meta-training on cached embeddings and end to end), their FLOPs against
+# code writes them, our encoder's fast paths against its paper forms (models.set_fast_paths),
+# MANN meta-training on cached embeddings and end to end), their FLOPs against
 # this device's matrix-product peak, the attention kernels, data loading against what the steps
 # consume, peak memory, and (with --compile) torch.compile against eager. Inputs are random
 # tensors on the device, so a step's time is the model's; the loader is measured on its own and
@@ -1232,6 +1233,10 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
     enc_flops = 3 * speed_vit_flops(enc, B, st["L"])
     plain = dataclasses.replace(enc, spt=False, lsa=False)
     encoders = [(f"encoder, ours ({speed_features(enc)})", models.VideoViT(enc), enc_flops, None)]
+    paper_forms = models.VideoViT(enc)  # the same encoder with every tokenizer and attention as its paper writes it
+    models.set_fast_paths(paper_forms, False)
+    encoders.append((f"encoder, the papers' forms ({speed_features(enc)}; set_fast_paths off)", paper_forms,
+                     enc_flops, "paper"))
     if enc.spt or enc.lsa:
         encoders.append(("encoder, ours (plain: no SPT, no LSA)", models.VideoViT(plain),
                          3 * speed_vit_flops(plain, B, st["L"]), None))
@@ -1451,6 +1456,13 @@ def speed_targets(res: dict) -> list[str]:
             out.append(f"{c['workload']} [{c['mode']}] vs timm-style blocks: {c['ratio']:.2f}x (target at least "
                        f"1.0x, goal 1.5x)" + ("" if c["ratio_spt_lsa"] is None else
                                               f"; vs SPT + LSA written out: {c['ratio_spt_lsa']:.2f}x"))
+    for mode in ("eager", "compiled"):
+        encs = [r for r in res["training"] if r["mode"] == mode and r["workload"].startswith("encoder")]
+        ours = next((r for r in encs if r["workload"].startswith("encoder, ours")), None)
+        paper = next((r for r in encs if r.get("reference") == "paper"), None)
+        if ours and paper:
+            out.append(f"{ours['workload']} [{mode}] vs the same encoder in the papers' forms: "
+                       f"{ours['per_s'] / paper['per_s']:.2f}x (the fast paths, on by default: at least 1.0x)")
     for d in res["loading"]:
         if d["ratio"] is not None and "fed by" not in d["loader"]:
             out.append(f"loader, {d['loader']}: {speed_num(d['ratio'])}x the clips/s {d['consumer']} consumes "
