@@ -125,7 +125,8 @@ def run_header(ck: dict, cfg: stmeta.Config, cache, device) -> str:
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({n} thread{'s' if n > 1 else ''})"
 
 
 def mean_ci(values) -> tuple[float, float]:
@@ -350,6 +351,14 @@ def run_embeddings(model, cache, cfg: stmeta.Config, device, indices: np.ndarray
     return out
 
 
+def baseline_input(emb: torch.Tensor) -> torch.Tensor:
+    """What the non-meta-learned baselines fit: the embeddings LayerNorm'ed as the MANN's input
+    is (MetaLearner.norm, without its learned gain and bias), so every method reads the same
+    features. For raw pixels this matters: the cosine of two white-background images is mostly
+    their shared background, the cosine of two normalised ones is the correlation of their ink."""
+    return F.layer_norm(emb.float(), emb.shape[-1:])
+
+
 def ncm_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
     """Nearest class mean by cosine similarity, fitted on each episode's labelled steps.
     emb (B, S, D) -> predictions (B, S)."""
@@ -360,28 +369,38 @@ def ncm_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
     return torch.einsum("bsd,bnd->bsn", z, F.normalize(means, dim=-1)).argmax(-1)
 
 
-def logreg_predict(emb: torch.Tensor, ep, n_way: int, steps: int = 100, wd: float = 1e-2) -> torch.Tensor:
-    """Multinomial logistic regression fitted by L-BFGS on each episode's support set, all
-    episodes at once (a block-diagonal problem). emb (B, S, D) -> predictions (B, S)."""
-    z = F.normalize(emb, dim=-1)
-    support = ~ep.is_query
+LOGREG_SCALE = 10.0  # cosine features live in [-1, 1]; a temperature lets the fit become confident
+
+
+def logreg_fit(z: torch.Tensor, target: torch.Tensor, fit: torch.Tensor, n_way: int, steps: int = 100,
+               wd: float = 1e-2, init: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by L-BFGS on the steps where `fit` is True, all episodes
+    at once (a block-diagonal problem). z (B, S, D) unit-length features, target and fit (B, S)
+    -> (W (B, D, K), b (B, 1, K)); `init` warm-starts from an earlier fit."""
     B, S, D = z.shape
-    W = torch.zeros(B, D, n_way, requires_grad=True)
-    b = torch.zeros(B, 1, n_way, requires_grad=True)
+    W0, b0 = init if init is not None else (z.new_zeros(B, D, n_way), z.new_zeros(B, 1, n_way))
+    W, b = W0.detach().clone().requires_grad_(), b0.detach().clone().requires_grad_()
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-    scale = 10.0  # cosine features live in [-1, 1]; a temperature lets the fit become confident
 
     def closure():
         opt.zero_grad()
-        logits = scale * torch.bmm(z, W) + b  # (B, S, n)
+        logits = LOGREG_SCALE * torch.bmm(z, W) + b  # (B, S, n)
         # the sum over episodes of each episode's own penalised loss, so wd means the same for any B
-        loss = (F.cross_entropy(logits[support], ep.target[support], reduction="sum") + wd * (W * W).sum()) / B
+        loss = (F.cross_entropy(logits[fit], target[fit], reduction="sum") + wd * (W * W).sum()) / B
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return (scale * torch.bmm(z, W) + b).argmax(-1).detach()
+    return W.detach(), b.detach()
+
+
+def logreg_predict(emb: torch.Tensor, ep, n_way: int, steps: int = 100, wd: float = 1e-2) -> torch.Tensor:
+    """Logistic regression fitted on each episode's support set. emb (B, S, D) -> predictions (B, S)."""
+    z = F.normalize(emb, dim=-1)
+    W, b = logreg_fit(z, ep.target, ~ep.is_query, n_way, steps, wd)
+    return (LOGREG_SCALE * torch.bmm(z, W) + b).argmax(-1)
 
 
 def episode_accuracy(pred: torch.Tensor, ep) -> torch.Tensor:
@@ -409,15 +428,16 @@ def evaluate_methods(model, emb: torch.Tensor, cache, cfg: stmeta.Config, shots,
         while done < episodes:
             ep = sampler.sample(min(batch, episodes - done), g)
             x = emb[ep.clips]  # (B, S, D)
+            xb = baseline_input(x)
             for m in methods:
                 if m == "mann":
                     dev = next(model.parameters()).device
                     logits, _ = model(x.to(dev), ep.label_in.to(dev))
                     pred = logits.float().argmax(-1).cpu()
                 elif m == "ncm":
-                    pred = ncm_predict(x, ep, mc.n_way)
+                    pred = ncm_predict(xb, ep, mc.n_way)
                 elif m == "logreg":
-                    pred = logreg_predict(x, ep, mc.n_way)
+                    pred = logreg_predict(xb, ep, mc.n_way)
                 else:
                     raise SystemExit(f"unknown method {m!r}")
                 accs[m].append(episode_accuracy(pred, ep))
@@ -466,15 +486,18 @@ def ncm_sequence_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
     return sim.masked_fill(~seen, -math.inf).nan_to_num(neginf=-1e9).argmax(-1)
 
 
-def logreg_sequence_predict(emb: torch.Tensor, ep, n_way: int) -> torch.Tensor:
+def logreg_sequence_predict(emb: torch.Tensor, ep, n_way: int, steps: int = 20) -> torch.Tensor:
     """Logistic regression in the sequence layout: for each step t, fitted on the steps before t
-    (all episodes at once) and applied to x_t. emb (B, S, D) -> (B, S)."""
-    B, S, _ = emb.shape
+    (all episodes at once) and applied to x_t. Each fit starts from the one before it, one more
+    example later, so `steps` L-BFGS iterations suffice (the first fit gets 100). emb (B, S, D) -> (B, S)."""
+    z = F.normalize(emb.float(), dim=-1)
+    B, S, _ = z.shape
     pred = torch.zeros(B, S, dtype=torch.long)
+    fit = None
     for t in range(1, S):
-        fit = torch.arange(S)[None, :].expand(B, -1) < t
-        step_ep = ep._replace(is_query=~fit)
-        pred[:, t] = logreg_predict(emb, step_ep, n_way)[:, t]
+        known = torch.ones(B, t, dtype=torch.bool)
+        fit = logreg_fit(z[:, :t], ep.target[:, :t], known, n_way, steps=100 if fit is None else steps, init=fit)
+        pred[:, t] = (LOGREG_SCALE * torch.bmm(z[:, t:t + 1], fit[0]) + fit[1])[:, 0].argmax(-1)
     return pred
 
 
@@ -505,6 +528,7 @@ def evaluate_sequence(model, emb: torch.Tensor, cache, cfg: stmeta.Config, episo
     while done < episodes:
         ep = sampler.sample(min(batch, episodes - done), g)
         x = emb[ep.clips]  # (B, S, D)
+        xb = baseline_input(x)
         for m in methods:
             if m == "mann":
                 dev = next(model.parameters()).device
@@ -513,9 +537,9 @@ def evaluate_sequence(model, emb: torch.Tensor, cache, cfg: stmeta.Config, episo
             elif m == "label_count":
                 correct = label_count_correct(ep, mc.n_way, mc.seq_shots)
             elif m == "ncm":
-                correct = (ncm_sequence_predict(x, ep, mc.n_way) == ep.target).float()
+                correct = (ncm_sequence_predict(xb, ep, mc.n_way) == ep.target).float()
             elif m == "logreg":
-                correct = (logreg_sequence_predict(x, ep, mc.n_way) == ep.target).float()
+                correct = (logreg_sequence_predict(xb, ep, mc.n_way) == ep.target).float()
             else:
                 raise SystemExit(f"unknown method {m!r}")
             rows[m][0].append(correct.mean(1))
@@ -563,8 +587,9 @@ def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
     eps = ck.get("step", 0) * mc.batch_size * mc.accum_steps
     seconds = ck.get("metrics", {}).get("train_seconds")
     took = f", {stmeta.format_duration(seconds)} of training" if seconds else ""
-    aug = (f"; meta-train classes rotated into new classes {mc.rotate_classes}, shifts up to {mc.max_shift} px"
-           if mc.rotate_classes or mc.max_shift else "")
+    aug = [w for w, on in (("rotated copies of the meta-train classes as new classes", mc.rotate_classes),
+                            (f"shifts up to {mc.max_shift} px", mc.max_shift)) if on]
+    aug = f"; augmented: {', '.join(aug)}" if aug else ""
     return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), preset "
             f"`{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes; budget {ck.get('step')} steps x "
             f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.")
@@ -1173,7 +1198,11 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
             live = []
             for sp in specs:
                 opt = sp["optimizer"] or train.make_optimizer(sp["model"], 1e-4, 0.05, 0.95)
-                target = torch.compile(sp["model"]) if mode == "compiled" else sp["model"]
+                target = sp["model"]
+                if mode == "compiled" and isinstance(target, models.MetaLearner):
+                    target.mann.compile_step(device.type)  # as train.py: the recurrent step (eager rows ran first)
+                elif mode == "compiled":
+                    target = torch.compile(target)
                 step = speed_step(target, sp["loss_fn"], opt, device, precision, sp["clip_grad"])
                 speed_memory_reset(device)
                 c0 = time.perf_counter()
@@ -1254,9 +1283,12 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
                                   np.arange(n_classes * per_class), list(range(n_classes)), mc.n_way, mc.k_shot,
                                   mc.n_query, mc.layout, mc.seq_shots)
     S = st["S"]
-    for e2e in (False, True):
-        backbone = models.build_backbone("mae", enc).to(device)
-        model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way)).to(device)
+    pixels = mc.backbone == "pixels"  # Santoro's Omniglot setting: the MANN reads the pixels themselves
+    for e2e in (False,) if pixels else (False, True):
+        backbone = models.build_backbone("pixels" if pixels else "mae", enc, pixels_size=mc.pixels_size,
+                                         channels=mc.pixels_channels or None).to(device)
+        model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
+                                   input_norm=mc.input_norm).to(device)
         episodes = st["e2e_episodes"] if e2e else st["episodes"]
         g = torch.Generator().manual_seed(0)
         if e2e:
@@ -1266,7 +1298,7 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
         else:
             backbone.requires_grad_(False)
             table = torch.randn(n_classes * per_class, backbone.out_dim, generator=g).to(device)  # embeddings
-            params = [p for p in model.parameters() if p.requires_grad]
+            params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
 
         def mann_loss(m, _, e2e=e2e, episodes=episodes, g=g, table=table):
             ep = train.move_episode(sampler.sample(episodes, g), device)
@@ -1275,7 +1307,8 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
         flops = 3 * speed_mann_flops(cfg.mann, backbone.out_dim, mc.n_way, episodes, S)
         if e2e:
             flops += 3 * speed_vit_flops(enc, episodes * S, st["L"])
-        name = "MANN meta-training, " + ("end to end (backbone trained)" if e2e else "cached embeddings")
+        name = "MANN meta-training, " + ("end to end (backbone trained)" if e2e else
+                                          f"{backbone.out_dim} pixels, {S} steps" if pixels else "cached embeddings")
         run("mann", [spec(name, "episodes", episodes, model, mann_loss, lambda: None, flops,
                           S * st["L"] if e2e else 0, mc.clip_grad, torch.optim.AdamW(params, lr=mc.lr),
                           clips_per_step=episodes * S)])

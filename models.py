@@ -845,7 +845,7 @@ def count_parameters(module: nn.Module, layers_only: bool = False) -> int:
 def cosine_similarity(key: Tensor, memory: Tensor, eps: float = 1e-8) -> Tensor:
     """K[k, M(i)] = k . M(i) / (|k| |M(i)|) (NTM eq. 6, Santoro sec. 3.1).
     key (B, nh, M), memory (B, N, M) -> (B, nh, N). Safe (zero gradient, no NaN) at zero rows."""
-    dot = torch.einsum("bhm,bnm->bhn", key, memory)  # (B, nh, N)
+    dot = torch.bmm(key, memory.transpose(1, 2))  # (B, nh, N): k . M(i) for every head and slot
     norms = (key * key).sum(-1)[:, :, None] * (memory * memory).sum(-1)[:, None, :]  # (B, nh, N)
     return dot / norms.clamp_min(eps * eps).sqrt()
 
@@ -883,7 +883,7 @@ def sharpen(w: Tensor, gamma: Tensor, eps: float = 1e-12) -> Tensor:
 
 def memory_read(w: Tensor, memory: Tensor) -> Tensor:
     """r = sum_i w(i) M(i) (NTM eq. 2, Santoro sec. 3.1). w (B, nh, N) -> (B, nh, M)."""
-    return torch.einsum("bhn,bnm->bhm", w, memory)
+    return torch.bmm(w, memory)  # (B, nh, N) @ (B, N, M)
 
 
 def ntm_write(memory: Tensor, w: Tensor, erase: Tensor, add: Tensor) -> Tensor:
@@ -919,7 +919,8 @@ def lrua_write(memory: Tensor, usage_prev: Tensor, read_weights_prev: Tensor, al
         keep = torch.ones_like(usage_prev).scatter_(1, order[:, :1], 0.0)  # (B, N), 0 at the least used
     a = torch.sigmoid(alpha)[..., None]  # (B, nh, 1)
     w_write = a * read_weights_prev + (1 - a) * w_lu[:, None, :]  # (B, nh, N)
-    return memory * keep[..., None] + torch.bmm(w_write.transpose(1, 2), content), w_write
+    # (B, N, M): the cleared memory plus sum_h w^w_h a_h^T, in one batched product-and-add
+    return torch.baddbmm(memory * keep[..., None], w_write.transpose(1, 2), content), w_write
 
 
 def lrua_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float) -> Tensor:
@@ -952,9 +953,11 @@ class LSTMController(nn.Module):
     def cell(self, gates_in: Tensor, recurrent: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """gates_in (B, 4Hc) = ih(inputs); recurrent (B, recurrent_size + Hc) ending with h_{t-1};
         c (B, Hc) -> new (h, c)."""
-        i, f, g, o = (gates_in + self.hh(recurrent)).chunk(4, dim=-1)  # 4 x (B, Hc), torch's gate order
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        H = self.hidden_size
+        z = torch.addmm(gates_in, recurrent, self.hh.weight.t())  # (B, 4Hc): gates_in + W_hh [recurrent]
+        i, f, _, o = torch.sigmoid(z).chunk(4, dim=-1)  # torch's gate order i, f, g, o; one sigmoid for three
+        c = f * c + i * torch.tanh(z[:, 2 * H:3 * H])
+        h = o * torch.tanh(c)
         return h, c
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -1083,6 +1086,14 @@ class MANN(nn.Module):
         return MANNState(h=x.new_zeros(B, Hc), c=x.new_zeros(B, Hc), memory=x.new_zeros(B, N, M),
                          read_weights=on_first, reads=x.new_zeros(B, nh, M), write_weights=on_first.clone(),
                          usage=x.new_zeros(B, N))
+
+    def compile_step(self, device_type: str = "cpu") -> None:
+        """torch.compile the recurrent step, the body of the time loop that runs S times a
+        forward: its ~60 small operations fuse into a few kernels (1.2-1.3x on a CPU). On CUDA,
+        mode "reduce-overhead" also captures it as CUDA graphs (CUDAGraph Trees record one per
+        time step and replay them), so that the step stops being bound by kernel launches."""
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        self.step = torch.compile(self.step, mode=mode, dynamic=False)
 
     def step(self, gates_in: Tensor, state: MANNState) -> MANNState:
         """One time step. gates_in (B, 4Hc) = controller.ih([x_t, y_t]), the controller's input

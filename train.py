@@ -287,7 +287,13 @@ def check_finite(value: float, step: int, folder: str) -> None:
 
 def wrap_model(model, cfg, device, dist: stmeta.Dist):
     model = model.to(device)
-    if cfg.compile:
+    if cfg.compile and isinstance(model, models.MetaLearner):
+        # the MANN's cost is its time loop: compile the recurrent step (and a trained backbone),
+        # not the unrolled loop, which would compile S copies of the same step
+        model.mann.compile_step(device.type)
+        if not (cfg.meta.freeze_backbone or cfg.meta.backbone == "pixels"):
+            model.backbone.compile()  # in place: the state dict keeps its names
+    elif cfg.compile:
         model = torch.compile(model)
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -742,6 +748,27 @@ def sequence_curve(rows: list[dict]) -> dict[str, tuple[list, list]]:
             for i in (0, 1, 2, 4, 9) if i < n}
 
 
+def draw_learning_curve(folder: str, cfg: stmeta.Config, val_eps) -> str:
+    """learning_curve.png: validation accuracy by presentation against episodes trained, with
+    what the image-blind label-count predictor gets on the same validation episodes at the 1st
+    and 2nd presentation (a curve at those lines has learned bookkeeping, not the images)."""
+    import eval as evaluate  # the baseline lives with the evaluation
+
+    mc = cfg.meta
+    g = torch.Generator().manual_seed(cfg.seed + 12345)  # validate()'s episodes
+    eps = [val_eps.sample(mc.batch_size, g) for _ in range(math.ceil(mc.val_episodes / mc.batch_size))]
+    blind = torch.cat([evaluate.by_presentation(evaluate.label_count_correct(ep, mc.n_way, mc.seq_shots),
+                                                ep.instance, mc.seq_shots) for ep in eps]).mean(0)
+    name = "LSTM, no memory" if cfg.mann.read_heads == 0 else "MANN"
+    path = os.path.join(folder, "learning_curve.png")
+    stmeta.line_chart(path, sequence_curve(stmeta.read_log(os.path.join(folder, "log.jsonl"))), y_from=0.0,
+                      refs={"chance": 1 / mc.n_way, "label counting, 1st": blind[0].item(),
+                            "label counting, 2nd": blind[1].item()},
+                      title=f"{name}, held-out classes: accuracy by presentation ({mc.n_way}-way, "
+                            f"{mc.seq_shots} instances)", xlabel="episodes trained", ylabel="accuracy")
+    return path
+
+
 def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
                encoder_state: dict | None) -> dict:
     mc = cfg.meta
@@ -875,6 +902,8 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         for micro in range(mc.accum_steps):
             ep = move_episode(episodes_at(train_eps, step, micro, mc, cfg.seed, dist), device)
             sync = ddp_model.no_sync() if (dist.enabled and micro < mc.accum_steps - 1) else stmeta.nullcontext()
+            if cfg.compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the captured steps may be replayed
             with sync, stmeta.autocast(device, precision):
                 loss, ok = episode_loss(ddp_model, episode_input(ep), ep)
             (loss / mc.accum_steps).backward()
@@ -917,12 +946,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                                    checkpoint("mann", cfg, model, optimizer, step, total, metrics))
     end_phase(ddp_model, dist, step, total, folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
     if dist.is_main and mc.layout == "sequence":
-        curve = sequence_curve(stmeta.read_log(os.path.join(folder, "log.jsonl")))
-        if curve:
-            stmeta.line_chart(os.path.join(folder, "learning_curve.png"), curve, y_from=0.0,
-                              refs={"chance": 1 / mc.n_way},
-                              title=f"MANN, held-out classes: accuracy by presentation ({mc.n_way}-way, "
-                                    f"{mc.seq_shots} instances)", xlabel="episodes trained", ylabel="accuracy")
+        draw_learning_curve(folder, cfg, val_eps)
     return checkpoint("mann", cfg, model, optimizer, step, total, metrics)
 
 

@@ -840,7 +840,7 @@ def test_mann_variants():
     sharp = MANN(stmeta.MANNConfig(controller_size=8, n_slots=5, slot_dim=4, read_heads=2, key_strength=10.0), 6, 3)
     _, beta = sharp.read_head.key(torch.zeros(3, 8))
     assert torch.allclose(beta, torch.full((3, 2), 10.0))
-    plain = MANN(stmeta.MANNConfig(controller_size=8, n_slots=5, slot_dim=4, read_heads=2), 6, 3)
+    plain = MANN(stmeta.MANNConfig(controller_size=8, n_slots=5, slot_dim=4, read_heads=2, key_strength=0.0), 6, 3)
     key, beta = plain.read_head.key(torch.randn(3, 8))
     assert torch.equal(beta, torch.ones(3, 2)) and key.shape == (3, 2, 4)  # Santoro: softmax of the cosine
     assert plain.write_head.fc.out_features == 2 * (1 + 4)  # alpha + add vector per head
