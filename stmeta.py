@@ -342,7 +342,7 @@ def preset_omniglot() -> Config:
         pretrain=PretrainConfig(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1),
         finetune=FinetuneConfig(epochs=10, batch_size=64, lr=2e-3, warmup_epochs=1, mixup=0.0, drop_path=0.0),
         meta=MetaConfig(layout="sequence", n_way=5, seq_shots=10, backbone="pixels", pixels_size=20, pixels_channels=1,
-                        steps=20000, batch_size=16, lr=1e-3, warmup_steps=0, clip_grad=0.0, eval_every=500,
+                        steps=15000, batch_size=16, lr=1e-3, warmup_steps=0, clip_grad=0.0, eval_every=500,
                         ckpt_every=500, val_episodes=320, test_episodes=1000, classify=False,
                         rotate_classes=True, max_shift=2),
     )
