@@ -1935,6 +1935,44 @@ def mixup_cutmix(video: torch.Tensor, target: torch.Tensor, num_classes: int, mi
 
 
 # -----------------------------------------------------------------------------
+# Batching: seeded epoch orders and the DataLoader the training loops and benchmarks share
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+                  ) -> list[list[int]]:
+    """A seeded permutation of range(n) per epoch, cut into this rank's batches (dropping the
+    ragged end). The order depends only on (seed, epoch), so a resumed run can skip straight
+    to where it stopped without loading anything."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = n // world_size
+    mine = perm[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else perm
+    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+def loader(dataset, batches, workers: int, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """A DataLoader over precomputed index batches (any iterable of index lists); pinned memory
+    on CUDA for asynchronous copies."""
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+    # RNG, so a resumed run (which opens one more loader) would drift from an uninterrupted one.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False,
+                                       prefetch_factor=4 if workers > 0 else None,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+class StepClips(ClipDataset):
+    """The clips of one training step, for end-to-end stage 3: item (step, i) is clip i of
+    the cache augmented with randomness that is a pure function of (seed, step, i), so a
+    DataLoader's workers can prepare whole steps ahead and a resumed run sees the same clips."""
+
+    def __getitem__(self, key):
+        step, i = key
+        self.epoch = step  # this worker's own copy: no effect on other workers
+        return super().__getitem__(i)
+
+
+# -----------------------------------------------------------------------------
 # Episodes: N-way K-shot tasks for the MANN (Santoro et al. 2016, arXiv 1605.06065)
 
 
@@ -1949,6 +1987,9 @@ class Episode(NamedTuple):
     rotation: torch.Tensor  # long in 0..3: quarter turns of the step's clip (its class's rotation)
     down: torch.Tensor  # long: the clip's translation in pixels, down (negative: up) ...
     right: torch.Tensor  # ... and right (negative: left)
+
+    def to(self, device, non_blocking: bool = True) -> "Episode":
+        return Episode(*[t.to(device, non_blocking=non_blocking) for t in self])
 
 
 class EpisodeSampler:

@@ -1179,7 +1179,6 @@ def speed_row(name: str, unit: str, batch: int, t: dict, flops: float, peak: flo
 def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st: dict, args, peak: float,
                    t0: float) -> list[dict]:
     """Every training step, eager (and compiled with --compile)."""
-    import train
     enc = cfg.model.encoder
     rows = []
     modes = ["eager", "compiled"] if args.compile else ["eager"]
@@ -1197,7 +1196,7 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
         for mode in modes:
             live = []
             for sp in specs:
-                opt = sp["optimizer"] or train.make_optimizer(sp["model"], 1e-4, 0.05, 0.95)
+                opt = sp["optimizer"] or models.make_optimizer(sp["model"], 1e-4, 0.05, 0.95)
                 target = sp["model"]
                 if mode == "compiled" and isinstance(target, models.MetaLearner):
                     target.mann.compile_step(device.type)  # as train.py: the recurrent step (eager rows ran first)
@@ -1238,7 +1237,7 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
         kept = st["L"] if ids_keep is None else ids_keep.shape[1]
         specs.append(spec(f"MAE pretraining, mask {ratio:g}", "clips", B, mae,
                           lambda m, v, r=ratio, n=iter(range(10 ** 9)): m(
-                              v, mask_ratio=r, generator=train.step_generator(cfg.seed, next(n), device))[0],
+                              v, mask_ratio=r, generator=stmeta.step_generator(cfg.seed, next(n), device))[0],
                           lambda: video, 3 * speed_mae_flops(cfg.model, B, kept), st["L"], kept_tokens=kept))
     run("mae", specs)
     # classifier fine-tuning: the preset's drop path, mixup / label smoothing as train.py applies them
@@ -1254,7 +1253,7 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
     # the GPU (a CUDA generator cannot make torch.rand((), ...) on the CPU, and .item() would sync)
     def clf_loss(m, batch):
         v, target = data.mixup_cutmix(batch, labels, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob, ft.label_smoothing,
-                                      train.step_generator(cfg.seed, next(counter), torch.device("cpu")))
+                                      stmeta.step_generator(cfg.seed, next(counter), torch.device("cpu")))
         return torch.sum(-target * F.log_softmax(m(v).float(), dim=-1), dim=-1).mean()
     run("classifier", [spec("classifier fine-tuning", "clips", Bc, clf, clf_loss, lambda: cvideo,
                             3 * (speed_vit_flops(enc, Bc, st["L"]) + 2.0 * Bc * enc.width * n_cls), st["L"])])
@@ -1301,9 +1300,9 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
             params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
 
         def mann_loss(m, _, e2e=e2e, episodes=episodes, g=g, table=table):
-            ep = train.move_episode(sampler.sample(episodes, g), device)
+            ep = sampler.sample(episodes, g).to(device)
             x = m.backbone(table).float().view(episodes, S, -1) if e2e else table[ep.clips]  # (B, S, D)
-            return train.episode_loss(m, x, ep)[0]
+            return models.episode_loss(m, x, ep)[0]
         flops = 3 * speed_mann_flops(cfg.mann, backbone.out_dim, mc.n_way, episodes, S)
         if e2e:
             flops += 3 * speed_vit_flops(enc, episodes * S, st["L"])
@@ -1324,10 +1323,9 @@ def speed_features(enc: stmeta.ViTConfig) -> str:
 def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: dict, args, rows: list[dict],
                   t0: float) -> list[dict]:
     """Clips/s from the cache through ClipDataset with the default augmentation and
-    DataLoader workers (train.loader), against the step that consumes them (pretraining,
+    DataLoader workers (data.loader), against the step that consumes them (pretraining,
     fine-tuning, end-to-end stage 3's per-step clips); and the MAE step fed by that loader,
     against the same step on a tensor already in memory."""
-    import train
     enc = cfg.model.encoder
     tmp = None
     if args.data:
@@ -1362,15 +1360,15 @@ def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: 
          data.ClipDataset(cache, all_idx, **kw, **finetune_aug),
          [torch.randint(0, len(all_idx), (st["cls_batch"],), generator=g).tolist() for _ in range(n_batches + 1)],
          consumers.get("classifier fine-tuning"), 1)]
-    if hasattr(train, "StepClips"):  # end-to-end stage 3: each step's episode clips, keyed (step, clip)
-        kinds.append((f"stage 3 end to end ({st['e2e_episodes']} episodes of {st['S']} clips a step)",
-                      train.StepClips(cache, all_idx, **kw),
-                      [[(s, i) for i in torch.randint(0, len(all_idx), (n_e2e,), generator=g).tolist()]
-                       for s in range(n_batches + 1)], e2e, st["S"]))
+    # end-to-end stage 3: each step's episode clips, keyed (step, clip)
+    kinds.append((f"stage 3 end to end ({st['e2e_episodes']} episodes of {st['S']} clips a step)",
+                  data.StepClips(cache, all_idx, **kw),
+                  [[(s, i) for i in torch.randint(0, len(all_idx), (n_e2e,), generator=g).tolist()]
+                   for s in range(n_batches + 1)], e2e, st["S"]))
     for name, ds, batches, consumer, clips_per_item in kinds:
         speed_memory_reset(device)
         c0 = time.perf_counter()
-        it = iter(train.loader(ds, batches, cfg, device))
+        it = iter(data.loader(ds, batches, cfg.data.workers, cfg.seed, device))
         next(it)[0].to(device, non_blocking=True)
         startup = time.perf_counter() - c0
         c1 = time.perf_counter()
@@ -1391,12 +1389,12 @@ def bench_loading(cfg: stmeta.Config, device: torch.device, precision: str, st: 
     ds = data.ClipDataset(cache, all_idx, **kw)
     g = torch.Generator().manual_seed(1)
     warm = max(args.warmup, 1)
-    fed_steps = max(args.steps, 12 * max(cfg.data.workers, 1))  # 3x what train.loader prefetches (4 per worker)
+    fed_steps = max(args.steps, 12 * max(cfg.data.workers, 1))  # 3x what data.loader prefetches (4 per worker)
     batches = [torch.randint(0, len(ds), (B,), generator=g).tolist() for _ in range(fed_steps + warm)]
     mae = models.VideoMAE(cfg.model).to(device)
-    step = speed_step(mae, lambda m, v: m(v)[0], train.make_optimizer(mae, 1e-4, 0.05, 0.95), device, precision)
+    step = speed_step(mae, lambda m, v: m(v)[0], models.make_optimizer(mae, 1e-4, 0.05, 0.95), device, precision)
     speed_memory_reset(device)
-    it = iter(train.loader(ds, batches, cfg, device))
+    it = iter(data.loader(ds, batches, cfg.data.workers, cfg.seed, device))
     for _ in range(warm):
         step(next(it)[0].to(device, non_blocking=True))
     speed_sync(device)
@@ -1515,9 +1513,7 @@ def cmd_speed(args) -> dict:
     device = stmeta.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import train
-    targs, overrides = train.parse_args(["--stage", "2"] + (["--preset", args.preset] if args.preset else []))
-    cfg = train.resolve_config(targs, overrides, device)  # the defaults training runs with (Table 2's random erase)
+    cfg = stmeta.training_config(args.preset, device)  # the defaults training runs with (Table 2's random erase)
     if args.workers is not None:
         cfg.data.workers = args.workers
     precision = stmeta.resolve_precision(args.precision, device)

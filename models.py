@@ -830,6 +830,16 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return list(groups.values())
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: float, layer_decay: float = 1.0
+                   ) -> torch.optim.AdamW:
+    """AdamW over param_groups (fused on CUDA), each group's lr = lr * its lr_scale."""
+    groups = param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), **fused)
+
+
 def count_parameters(module: nn.Module, layers_only: bool = False) -> int:
     """Number of parameters. layers_only: the weights and biases of the layers (LSA
     temperatures included), without cls/mask tokens and positional embeddings: how the
@@ -1206,6 +1216,19 @@ class MetaLearner(nn.Module):
     def forward(self, x: Tensor, label_in: Tensor, state: MANNState | None = None) -> tuple[Tensor, MANNState]:
         """x (B, S, out_dim) embeddings from the backbone; as MANN.forward otherwise."""
         return self.mann(self.norm(x), label_in, state)
+
+
+def episode_loss(model: nn.Module, x: Tensor, ep) -> tuple[Tensor, Tensor]:
+    """Cross-entropy averaged over an episode batch's scored steps (`ep`: a data.Episode);
+    returns (loss, per-step correct (B, S) bool). The scored steps are weighted by a mask
+    rather than picked by boolean indexing, which would read the mask's count back from the
+    GPU every step."""
+    logits, _ = model(x, ep.label_in)  # (B, S, n_way)
+    logits = logits.float()
+    scored = ep.is_query.float()  # (B, S)
+    ce = F.cross_entropy(logits.flatten(0, 1), ep.target.clamp_min(0).flatten(), reduction="none")  # (B*S,)
+    loss = (ce.view_as(scored) * scored).sum() / scored.sum().clamp_min(1)
+    return loss, logits.argmax(-1) == ep.target
 
 
 # =============================================================================

@@ -230,6 +230,77 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
 
 
+# Every string field with a fixed set of values, and what each may be.
+CHOICES = {
+    "precision": ("auto", "bf16", "fp16", "fp32"),
+    "model.encoder.attention": ("joint", "divided"),
+    "model.encoder.pos_embed": ("separable", "joint", "sincos", "sincos3d"),
+    "model.encoder.spt_shift": ("diagonal_half", "cardinal_half", "cardinal_1"),
+    "model.mask_type": ("random", "tube"),
+    "mann.write": ("lrua", "ntm"),
+    "mann.write_content": ("add", "key"),
+    "mann.read_order": ("after_write", "before_write"),
+    "meta.layout": ("support_query", "sequence"),
+    "meta.backbone": ("mae", "scratch", "pixels"),
+}
+
+
+def check_config(cfg: Config) -> None:
+    """Every field's own range, and the cross-checks within the config, before any work:
+    raises Refused naming the first bad value and what would be valid. The checks that need
+    the data (episode shape against the held-out classes) are in train.py."""
+    flat = flatten_config(cfg)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise Refused(f"--{key}={flat[key]}: not one of {', '.join(allowed)}")
+    for key, v in flat.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise Refused(f"--{key}={v}: must be a finite number")
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise Refused(f"--{key}={flat[key]}: {what}")
+    positive = [k for k, v in flat.items() if isinstance(v, int) and not isinstance(v, bool) and k.endswith(
+        tuple("." + n for n in (
+            "img_size", "num_frames", "in_chans", "patch_size", "tubelet_size", "width", "depth", "num_heads",
+            "head_dim", "batch_size", "accum_steps", "n_way", "k_shot", "n_query", "seq_shots", "sampling_rate",
+            "num_views", "controller_size", "n_slots", "slot_dim", "val_episodes", "test_episodes", "steps",
+            "pixels_size", "decoder_width", "decoder_depth", "decoder_heads", "decoder_head_dim")))]
+    for key in positive:
+        need(flat[key] >= 1, key, "must be at least 1")
+    nonneg = [k for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and k not in positive]
+    for key in nonneg:
+        need(flat[key] >= 0, key, "must not be negative")
+    for key in ("model.mask_ratio",):
+        need(0 <= flat[key] < 1, key, "must be in [0, 1): the fraction of tokens hidden from the encoder")
+    for key in ("data.labeled_fraction",):
+        need(0 < flat[key] <= 1, key, "must be in (0, 1]")
+    for key in [k for k in flat if k.endswith(("drop_path", "dropout", "random_erase", "mixup_prob",
+                                                "label_smoothing", "scale_min", "gamma"))]:
+        need(0 <= flat[key] <= 1, key, "must be in [0, 1]")
+    need(cfg.meta.n_way >= 2, "meta.n_way", "an episode needs at least 2 classes")
+    for key in ("meta.eval_every", "meta.ckpt_every"):
+        need(flat[key] >= 1, key, "must be at least 1 (steps)")
+    for key in ("meta.lr", "meta.input_norm"):
+        need(flat[key] > 0, key, "must be positive")
+    need(cfg.mann.read_heads >= 0, "mann.read_heads", "0 (an LSTM with no memory) or more")
+    need(cfg.meta.pixels_channels in (0, 1, 3), "meta.pixels_channels", "0 (auto), 1 or 3")
+    enc = cfg.model.encoder
+    need(enc.img_size % enc.patch_size == 0, "model.encoder.img_size",
+         f"must be a multiple of the patch size {enc.patch_size}")
+    need(enc.num_frames % enc.tubelet_size == 0, "model.encoder.num_frames",
+         f"must be a multiple of the tubelet size {enc.tubelet_size}")
+    tokens = (enc.img_size // enc.patch_size) ** 2 * (enc.num_frames // enc.tubelet_size)
+    per_frame = (enc.img_size // enc.patch_size) ** 2
+    kept = int(tokens * (1 - cfg.model.mask_ratio)) if cfg.model.mask_type == "random" else \
+        int(per_frame * (1 - cfg.model.mask_ratio)) * (enc.num_frames // enc.tubelet_size)
+    need(kept >= 1, "model.mask_ratio", f"leaves no visible token of {tokens} (at most "
+         f"{1 - 1 / (per_frame if cfg.model.mask_type == 'tube' else tokens):.4f})")
+    need(not (enc.attention == "divided" and cfg.model.mask_type != "tube"), "model.mask_type",
+         "divided space-time attention needs tube masking (the same tokens visible in every frame)")
+    need(cfg.model.pred_t_dim <= enc.num_frames, "model.pred_t_dim", f"at most num_frames ({enc.num_frames})")
+
+
 # -----------------------------------------------------------------------------
 # Presets: named functions; parameter counts are checked by tests/test_models.py
 
@@ -355,6 +426,27 @@ def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def training_config(preset: str | None, device: torch.device, recipe: str = "table2", verbose: bool = False
+                    ) -> Config:
+    """The config a training run starts from: the preset (by default the paper's on CUDA and
+    the cpu demo elsewhere) with its fine-tuning recipe (Table 2, or Table 1 for a pretrained
+    MAE). train.py applies the command line on top; eval.py's speed benchmark uses it as is."""
+    if preset is None:
+        preset = "paper" if device.type == "cuda" else "cpu"
+        if verbose:
+            why = "a CUDA GPU is available" if device.type == "cuda" else f"running on {device.type}, not CUDA"
+            print(f"preset: {preset} ({why}; choose with --preset)")
+    elif verbose:
+        print(f"preset: {preset}")
+    cfg = get_preset(preset)
+    if recipe == "table1":
+        cfg.finetune = finetune_table1()
+        cfg.data.rand_augment, cfg.data.random_erase = "rand-m7-mstd0.5-inc1", 0.0  # Table 1
+    elif preset == "paper":
+        cfg.data.random_erase = 0.25  # Table 2
+    return cfg
 
 
 def finetune_table1() -> FinetuneConfig:
@@ -575,6 +667,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one step's masking / mixup / episodes: a pure function of (seed, step)."""
+    return torch.Generator(device=device).manual_seed((seed * 7_919 + step) % (2**63 - 1))
+
+
 def rng_state() -> dict:
     """Global RNG states, in a form torch.load(weights_only=True) accepts."""
     py = random.getstate()
@@ -603,8 +700,155 @@ def set_rng_state(state: dict) -> None:
 # Checkpoints: one dict, written atomically, loaded without executing code
 
 
-class CheckpointError(Exception):
-    pass
+class InputError(Exception):
+    """A mistake in what the user gave (a file, a folder, a value): the command-line entry points
+    print it as one `error:` line and exit with code 2, never as a traceback."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that cannot be read safely (missing, empty, corrupt, or needing code)."""
+
+
+class Refused(SystemExit):
+    """A request refused before (or instead of) doing any work: exit code 2, the message one
+    line on stderr. A SystemExit, so a caller of main() sees it as argparse's errors."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def cli(main) -> None:
+    """Run a command-line entry point: the project's own errors become one `error:` line on
+    stderr and exit code 2 (usage errors, as argparse); anything else is a bug and keeps its
+    traceback."""
+    try:
+        main()
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+class RunLock:
+    """One process per run folder: <folder>/run.lock holds the owner's host and pid, created
+    with O_EXCL. A lock whose process is gone (killed, crashed) on this host is taken over;
+    a live one refuses the second process before it writes anything."""
+
+    def __init__(self, folder: str):
+        self.folder, self.path, self.held = folder, os.path.join(folder, "run.lock"), False
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(self.folder, exist_ok=True)
+        me = f"{_host()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _read_text(self.path)
+                host, _, pid = owner.partition(" ")
+                if host == _host() and pid.isdigit() and not _alive(int(pid)):
+                    os.remove(self.path)  # its process is gone: a stale lock
+                    continue
+                raise Refused(f"{self.folder} is in use by another run (process {pid or '?'} on "
+                              f"{host or '?'}, {self.path}); wait for it, or choose another --out "
+                              f"(delete the lock file only if that process is gone)") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise Refused(f"{self.path}: could not take the run lock")
+
+    def release(self) -> None:
+        if self.held and _read_text(self.path) == f"{_host()} {os.getpid()}":
+            os.remove(self.path)
+        self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else "localhost"
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fingerprint(path: str | None) -> str | None:
+    """A cheap fingerprint of an input file or folder: the size and a CRC of the first and last
+    MiB of each file (a folder's files in name order). Enough to see that --data or
+    --pretrained now points at different content, without reading gigabytes."""
+    if path is None:
+        return None
+    import zlib
+
+    files = ([path] if os.path.isfile(path) else
+             sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))
+                    and not n.endswith(".tmp")) if os.path.isdir(path) else [])
+    crc, total = 0, 0
+    for name in files:
+        size = os.path.getsize(name)
+        total += size
+        crc = zlib.crc32(f"{os.path.basename(name)}:{size}".encode(), crc)
+        with open(name, "rb") as f:
+            crc = zlib.crc32(f.read(1 << 20), crc)
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                crc = zlib.crc32(f.read(), crc)
+    return f"{len(files)} file(s), {total} bytes, crc {crc:08x}"
+
+
+def truncate_log(path: str, step: int) -> int:
+    """Drop the lines of log.jsonl past `step` (a resumed run's checkpoint): the killed process
+    logged them, and the resumed one logs those steps again. Returns how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete *.tmp files a killed process left in a run folder (half-written checkpoints)."""
+    if not os.path.isdir(folder):
+        return []
+    gone = [n for n in os.listdir(folder) if n.endswith(".tmp")]
+    for n in gone:
+        os.remove(os.path.join(folder, n))
+    return gone
 
 
 def save_checkpoint(path: str, obj: dict) -> None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import eval as evaluate  # imports run one way: stmeta <- data, models <- eval <- train
 import models
 import stmeta
 
@@ -103,18 +104,8 @@ def parse_args(argv=None):
 
 
 def resolve_config(args, overrides, device) -> stmeta.Config:
-    if args.preset is None:
-        args.preset = "paper" if device.type == "cuda" else "cpu"
-        why = "a CUDA GPU is available" if device.type == "cuda" else f"running on {device.type}, not CUDA"
-        print(f"preset: {args.preset} ({why}; choose with --preset)")
-    else:
-        print(f"preset: {args.preset}")
-    cfg = stmeta.get_preset(args.preset)
-    if args.recipe == "table1":
-        cfg.finetune = stmeta.finetune_table1()
-        cfg.data.rand_augment, cfg.data.random_erase = "rand-m7-mstd0.5-inc1", 0.0  # Table 1
-    elif args.preset == "paper":
-        cfg.data.random_erase = 0.25  # Table 2
+    cfg = stmeta.training_config(args.preset, device, args.recipe, verbose=True)
+    args.preset = cfg.preset
     stmeta.apply_overrides(cfg, overrides)
     if args.seed is not None:
         cfg.seed = args.seed
@@ -187,41 +178,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, dist: stmeta.Dist) -> list[list[int]]:
-    """A seeded permutation of range(n) per epoch, cut into this rank's batches (dropping the
-    ragged end). The order depends only on (seed, epoch), so a resumed run can skip straight
-    to where it stopped without loading anything."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    per_rank = n // dist.world_size
-    mine = perm[dist.rank * per_rank:(dist.rank + 1) * per_rank] if dist.enabled else perm
-    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
-
-
-def loader(dataset, batches: list[list[int]], cfg: stmeta.Config, device: torch.device):
-    """A DataLoader over precomputed index batches; pinned memory on CUDA for async copies."""
-    workers = cfg.data.workers
-    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
-    # RNG, so a resumed run (which opens one more loader) would drift from an uninterrupted one.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False,
-                                       prefetch_factor=4 if workers > 0 else None,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator for one step's masking / mixup / episodes: a pure function of (seed, step)."""
-    return torch.Generator(device=device).manual_seed((seed * 7_919 + step) % (2**63 - 1))
-
-
-def make_optimizer(model, lr, weight_decay, beta2, layer_decay=1.0):
-    groups = models.param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
-    for g in groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), **fused)
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -405,7 +361,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
             print(f"init: loaded {len(init_state) - len(unexpected)} tensors"
                   f"{f'; {len(missing)} missing (left at their initial values): {missing[:6]}' if missing else ''}")
     model = model.to(device)
-    optimizer = make_optimizer(model, lr, pc.weight_decay, pc.beta2)
+    optimizer = models.make_optimizer(model, lr, pc.weight_decay, pc.beta2)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     step, best = 0, float("inf")
     metrics: dict = {}
@@ -419,11 +375,11 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     def validate(m) -> float:
         m.eval()
         losses = []
-        for i, (video, _) in enumerate(loader(val_ds, [list(range(j, min(j + batch, len(val_ds))))
-                                                         for j in range(0, len(val_ds), batch)], cfg, device)):
+        batches = [list(range(j, min(j + batch, len(val_ds)))) for j in range(0, len(val_ds), batch)]
+        for i, (video, _) in enumerate(data.loader(val_ds, batches, cfg.data.workers, cfg.seed, device)):
             video = video.to(device, non_blocking=True)
             with stmeta.autocast(device, precision):
-                loss, _, _ = m(video, generator=step_generator(cfg.seed + 1, i, device))
+                loss, _, _ = m(video, generator=stmeta.step_generator(cfg.seed + 1, i, device))
             losses.append(loss.float().item())
         m.train()
         return float(np.mean(losses))
@@ -443,9 +399,9 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
         micro = step * pc.accum_steps
         epoch, offset = divmod(micro, steps_per_epoch)
         train_ds.set_epoch(epoch)
-        batches = epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist)[offset:]
+        batches = data.epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist.rank, dist.world_size)[offset:]
         micro_in_step = 0
-        for video, _ in loader(train_ds, batches, cfg, device):
+        for video, _ in data.loader(train_ds, batches, cfg.data.workers, cfg.seed, device):
             # -- lr
             lr_now = lr_at(step, total, warmup, lr)
             set_lr(optimizer, lr_now)
@@ -454,7 +410,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
             last_micro = micro_in_step == pc.accum_steps - 1
             sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
             with sync, stmeta.autocast(device, precision):
-                loss, _, _ = ddp_model(video, generator=step_generator(cfg.seed, micro, device))
+                loss, _, _ = ddp_model(video, generator=stmeta.step_generator(cfg.seed, micro, device))
             scaler.scale(loss / pc.accum_steps).backward()
             loss_sum += loss.detach().float()
             loss_n += 1
@@ -550,7 +506,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
         if (unexpected or missing) and dist.is_main:
             print(f"encoder: {len(missing)} missing, {len(unexpected)} unexpected keys")
     model = model.to(device)
-    optimizer = make_optimizer(model, lr, ft.weight_decay, ft.beta2, ft.layer_decay)
+    optimizer = models.make_optimizer(model, lr, ft.weight_decay, ft.beta2, ft.layer_decay)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     step, best, metrics = 0, -1.0, {}
     if resume_ck is not None:
@@ -565,7 +521,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
         n = correct1 = correct5 = 0
         losses = []
         batches = [list(range(j, min(j + batch * 4, len(val_ds)))) for j in range(0, len(val_ds), batch * 4)]
-        for video, label in loader(val_ds, batches, cfg, device):
+        for video, label in data.loader(val_ds, batches, cfg.data.workers, cfg.seed, device):
             video, label = video.to(device), label.to(device)
             with stmeta.autocast(device, precision):
                 if video.dim() == 6:  # (B, V, C, T, H, W): average the views' probabilities
@@ -591,9 +547,9 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
         micro = step * ft.accum_steps
         epoch, offset = divmod(micro, steps_per_epoch)
         train_ds.set_epoch(epoch)
-        batches = epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist)[offset:]
+        batches = data.epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist.rank, dist.world_size)[offset:]
         micro_in_step = 0
-        for video, label in loader(train_ds, batches, cfg, device):
+        for video, label in data.loader(train_ds, batches, cfg.data.workers, cfg.seed, device):
             # -- lr
             lr_now = lr_at(step, total, warmup, lr)
             set_lr(optimizer, lr_now)
@@ -602,7 +558,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
             # mixup draws only scalars (whether, which, lambda, the box): from a CPU generator, because
             # torch.rand((), generator=<CUDA generator>) fails and each .item() of a GPU draw would sync
             video, target = data.mixup_cutmix(video, label, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob,
-                                              ft.label_smoothing, step_generator(cfg.seed, micro, torch.device("cpu")))
+                                              ft.label_smoothing, stmeta.step_generator(cfg.seed, micro, torch.device("cpu")))
             last_micro = micro_in_step == ft.accum_steps - 1
             sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
             with sync, stmeta.autocast(device, precision):
@@ -675,7 +631,7 @@ def embed_all(backbone, cache, cfg, device, precision, indices=None, batch: int 
     out = []
     prog = None if quiet else stmeta.Progress(len(ds), "embedding clips")
     batches = [list(range(j, min(j + batch, len(ds)))) for j in range(0, len(ds), batch)]
-    for video, _ in loader(ds, batches, cfg, device):
+    for video, _ in data.loader(ds, batches, cfg.data.workers, cfg.seed, device):
         with stmeta.autocast(device, precision):
             out.append(backbone(video.to(device, non_blocking=True)).float())
         if prog:
@@ -688,38 +644,11 @@ def embed_all(backbone, cache, cfg, device, precision, indices=None, batch: int 
     return emb
 
 
-class StepClips(data.ClipDataset):
-    """The clips of one training step, for end-to-end stage 3: item (step, i) is clip i of
-    the cache augmented with randomness that is a pure function of (seed, step, i), so a
-    DataLoader's workers can prepare whole steps ahead and a resumed run sees the same clips."""
-
-    def __getitem__(self, key):
-        step, i = key
-        self.epoch = step  # this worker's own copy: no effect on other workers
-        return super().__getitem__(i)
-
-
 def episodes_at(sampler, step: int, micro: int, mc: stmeta.MetaConfig, seed: int, dist: stmeta.Dist):
     """The batch of training episodes of one (step, micro-step, rank): a pure function of them."""
     g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * mc.accum_steps + micro) * dist.world_size
                                       + dist.rank)
     return sampler.sample(mc.batch_size, g)
-
-
-def episode_loss(mann, x, ep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy averaged over the scored steps; returns (loss, per-step correct (B, S) bool).
-    The scored steps are weighted by a mask rather than picked by boolean indexing, which
-    would read the mask's count back from the GPU every step."""
-    logits, _ = mann(x, ep.label_in)  # (B, S, n_way)
-    logits = logits.float()
-    scored = ep.is_query.float()  # (B, S)
-    ce = F.cross_entropy(logits.flatten(0, 1), ep.target.clamp_min(0).flatten(), reduction="none")  # (B*S,)
-    loss = (ce.view_as(scored) * scored).sum() / scored.sum().clamp_min(1)
-    return loss, logits.argmax(-1) == ep.target
-
-
-def move_episode(ep, device):
-    return type(ep)(*[t.to(device, non_blocking=True) for t in ep])
 
 
 @torch.no_grad()
@@ -733,7 +662,7 @@ def clip_table(cache, cfg, device, indices=None) -> torch.Tensor:
                           size=enc.img_size, train=False)
     table = torch.zeros(len(cache.labels), 3, enc.num_frames, enc.img_size, enc.img_size, device=device)
     batches = [list(range(j, min(j + 256, len(ds)))) for j in range(0, len(ds), 256)]
-    for j, (video, _) in zip(range(0, len(ds), 256), loader(ds, batches, cfg, device)):
+    for j, (video, _) in zip(range(0, len(ds), 256), data.loader(ds, batches, cfg.data.workers, cfg.seed, device)):
         table[torch.as_tensor(indices[j:j + 256], device=device)] = video.to(device)
     return table
 
@@ -752,8 +681,6 @@ def draw_learning_curve(folder: str, cfg: stmeta.Config, val_eps) -> str:
     """learning_curve.png: validation accuracy by presentation against episodes trained, with
     what the image-blind label-count predictor gets on the same validation episodes at the 1st
     and 2nd presentation (a curve at those lines has learned bookkeeping, not the images)."""
-    import eval as evaluate  # the baseline lives with the evaluation
-
     mc = cfg.meta
     g = torch.Generator().manual_seed(cfg.seed + 12345)  # validate()'s episodes
     eps = [val_eps.sample(mc.batch_size, g) for _ in range(math.ceil(mc.val_episodes / mc.batch_size))]
@@ -834,12 +761,12 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                   f"{inputs.shape[0]} cached clips: meta-train episodes augmented "
                   f"(rotated classes {mc.rotate_classes}, shifts up to {mc.max_shift} px)")
     else:
-        clip_ds = StepClips(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
+        clip_ds = data.StepClips(cache, np.arange(len(cache.labels)), num_frames=enc.num_frames,
                             sampling_rate=cfg.data.sampling_rate, size=enc.img_size, train=True,
                             scale_min=cfg.data.scale_min, hflip=cfg.data.hflip, seed=cfg.seed)
         keys = ([(s * mc.accum_steps + m, int(i)) for i in episodes_at(train_eps, s, m, mc, cfg.seed, dist).clips.flatten()]
                 for s in range(step, total) for m in range(mc.accum_steps))
-        clips_iter = iter(loader(clip_ds, keys, cfg, device))
+        clips_iter = iter(data.loader(clip_ds, keys, cfg.data.workers, cfg.seed, device))
         if dist.is_main:
             print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr}); "
                   f"{mc.batch_size * train_eps.steps} clips a step, loaded by {cfg.data.workers} worker(s)")
@@ -873,9 +800,9 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         correct = n = 0
         per = torch.zeros(2, mc.seq_shots, device=device)  # correct, count by presentation
         for _ in range(math.ceil(mc.val_episodes / mc.batch_size)):
-            ep = move_episode(val_eps.sample(mc.batch_size, g), device)
+            ep = val_eps.sample(mc.batch_size, g).to(device)
             with stmeta.autocast(device, precision):
-                _, ok = episode_loss(model, table[ep.clips], ep)
+                _, ok = models.episode_loss(model, table[ep.clips], ep)
             correct += ok[ep.is_query].sum().item()
             n += ep.is_query.sum().item()
             if mc.layout == "sequence":
@@ -900,12 +827,12 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         set_lr(optimizer, lr_now)
         # -- step: a batch of episodes, a pure function of (seed, step, rank)
         for micro in range(mc.accum_steps):
-            ep = move_episode(episodes_at(train_eps, step, micro, mc, cfg.seed, dist), device)
+            ep = episodes_at(train_eps, step, micro, mc, cfg.seed, dist).to(device)
             sync = ddp_model.no_sync() if (dist.enabled and micro < mc.accum_steps - 1) else stmeta.nullcontext()
             if cfg.compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the captured steps may be replayed
             with sync, stmeta.autocast(device, precision):
-                loss, ok = episode_loss(ddp_model, episode_input(ep), ep)
+                loss, ok = models.episode_loss(ddp_model, episode_input(ep), ep)
             (loss / mc.accum_steps).backward()
             loss_sum += loss.detach()
             acc_sum += (ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1)
@@ -1098,7 +1025,6 @@ def main(argv=None) -> dict:
         ck = train_mann(cfg, cache, out, device, precision, dist, args, enc_state)
         result.update(ck["metrics"])
         if dist.is_main:
-            import eval as evaluate  # evaluation lives in eval.py; train.py only calls it at the end
             res = evaluate.fewshot(out, device=str(device), cache=cache)
             result["fewshot"] = res
             if cfg.meta.layout == "sequence":

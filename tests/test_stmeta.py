@@ -151,3 +151,23 @@ def test_pictures_are_written(tmp_path):
         im = Image.open(tmp_path / name)
         assert im.width > 0 and im.height > 0
     assert Image.open(tmp_path / "a.gif").n_frames == 4
+
+
+def test_imports_run_one_way():
+    """stmeta <- data, models <- eval <- train: no module imports one below it in that order,
+    and none imports inside a function (a hidden cycle)."""
+    import ast
+
+    order = ["stmeta", "data", "models", "eval", "train"]
+    allowed = {"stmeta": set(), "data": {"stmeta"}, "models": {"stmeta"}, "eval": {"stmeta", "data", "models"},
+               "train": {"stmeta", "data", "models", "eval"}}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in order:
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            ours = [n for n in names if n in order]
+            assert set(ours) <= allowed[name], f"{name}.py imports {ours}"
+            if ours:
+                assert node.col_offset == 0, f"{name}.py line {node.lineno}: an import of {ours} inside a function"

@@ -11,6 +11,7 @@ import torch
 
 import data
 import eval as evaluate
+import models
 import stmeta
 import train
 
@@ -266,7 +267,7 @@ def test_episode_loss_is_the_mean_over_scored_steps():
     is_query = torch.tensor([[False, False, True, True], [False, False, False, True]])
     zeros = torch.zeros(2, 4, dtype=torch.long)  # clips, and instance, rotation, down, right
     ep = data.Episode(zeros, target, torch.where(is_query, -1, target), is_query, zeros, zeros, zeros, zeros)
-    loss, ok = train.episode_loss(mann, x, ep)
+    loss, ok = models.episode_loss(mann, x, ep)
     logits, _ = mann(x, ep.label_in)
     expected = torch.nn.functional.cross_entropy(logits[is_query], target[is_query])
     torch.testing.assert_close(loss, expected)
