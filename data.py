@@ -78,7 +78,10 @@ SOURCE_KINDS = {
 }
 
 
-class DataError(Exception):
+CACHE_FILES = ("meta.json", "clips.npy")  # a prepared clip cache: its index and its frames
+
+
+class DataError(stmeta.InputError):
     """A mistake in the user's input (path, source, setting): printed as one line by the CLI."""
 
 

@@ -801,9 +801,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fingerprint(path: str | None) -> str | None:
+def fingerprint(path: str | None, names: tuple[str, ...] | None = None) -> str | None:
     """A cheap fingerprint of an input file or folder: the size and a CRC of the first and last
-    MiB of each file (a folder's files in name order). Enough to see that --data or
+    MiB of each file (a folder's files in name order, or only `names`). Enough to see that --data or
     --pretrained now points at different content, without reading gigabytes."""
     if path is None:
         return None
@@ -811,7 +811,7 @@ def fingerprint(path: str | None) -> str | None:
 
     files = ([path] if os.path.isfile(path) else
              sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))
-                    and not n.endswith(".tmp")) if os.path.isdir(path) else [])
+                    and not n.endswith(".tmp") and (names is None or n in names)) if os.path.isdir(path) else [])
     crc, total = 0, 0
     for name in files:
         size = os.path.getsize(name)

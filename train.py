@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -122,12 +123,12 @@ def resolve_config(args, overrides, device) -> stmeta.Config:
         cfg.meta.freeze_backbone = False
     mc = cfg.meta
     if (mc.rotate_classes or mc.max_shift) and mc.backbone != "pixels" and mc.freeze_backbone:
-        raise SystemExit(f"--meta.rotate_classes / --meta.max_shift augment every episode afresh, which a frozen "
+        raise stmeta.Refused(f"--meta.rotate_classes / --meta.max_shift augment every episode afresh, which a frozen "
                          f"{mc.backbone} backbone's cached embeddings cannot show: add --finetune, use --backbone "
                          f"pixels, or turn them off (--meta.rotate_classes=false --meta.max_shift=0)")
     if args.labeled_fraction is not None:
         if not 0 < args.labeled_fraction <= 1:
-            raise SystemExit(f"--labeled-fraction {args.labeled_fraction}: must be in (0, 1]")
+            raise stmeta.Refused(f"--labeled-fraction {args.labeled_fraction}: must be in (0, 1]")
         cfg.data.labeled_fraction = args.labeled_fraction
     if args.workers is not None:
         cfg.data.workers = args.workers
@@ -157,7 +158,7 @@ def open_data(args, cfg: stmeta.Config, dist: stmeta.Dist) -> data.ClipCache:
         if dist.enabled:
             torch.distributed.barrier()
     if not os.path.isdir(args.data):
-        raise SystemExit(f"--data {args.data}: no such folder (make one with `python data.py prepare ...` or "
+        raise stmeta.Refused(f"--data {args.data}: no such folder (make one with `python data.py prepare ...` or "
                          f"`python data.py synth --out {args.data}`)")
     cache = data.ClipCache(args.data)
     if dist.is_main:
@@ -169,7 +170,8 @@ def open_data(args, cfg: stmeta.Config, dist: stmeta.Dist) -> data.ClipCache:
 # Shared loop machinery: learning rate, samplers, optimizer, checkpoints
 
 
-RUN_INFO: dict = {}  # set once in main(): the data folder and the --init/--pretrained source
+RUN_INFO: dict = {}  # set once in run(): the data folder, the --init/--pretrained source, and "inputs":
+# their paths and fingerprints and the class set, which a resume must find unchanged
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -195,7 +197,7 @@ def checkpoint(kind: str, cfg, model, optimizer, step: int, total: int, metrics:
     """One dict: enough to rebuild the model from `config` alone and to resume exactly.
     `data` and `init` say which clip cache the run read and where its weights started."""
     return {"kind": kind, "config": stmeta.config_to_dict(cfg), "model": unwrap(model).state_dict(),
-            "data": RUN_INFO.get("data"), "init": RUN_INFO.get("init"),
+            "data": RUN_INFO.get("data"), "init": RUN_INFO.get("init"), "inputs": RUN_INFO.get("inputs"),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": {"step": step, "total": total}, "step": step, "total": total,
             "metrics": metrics, "rng": stmeta.rng_state(), "torch_version": str(torch.__version__),
@@ -204,41 +206,67 @@ def checkpoint(kind: str, cfg, model, optimizer, step: int, total: int, metrics:
 
 def start_run(folder: str, kind: str, cfg, resume: bool, dist: stmeta.Dist) -> dict | None:
     """Create the run folder, or find the checkpoint to resume. Refuses to overwrite a run
-    without --resume, and to resume with a different config (naming the fields)."""
+    without --resume, and to resume with a different config or different inputs (naming
+    them). On resume, log.jsonl loses the killed process's lines past the checkpoint and
+    half-written *.tmp files go."""
     last = os.path.join(folder, "last.pt")
     if os.path.exists(last):
         ck = stmeta.load_checkpoint(last)
         if ck.get("kind") != kind:
-            raise SystemExit(f"{last} holds a {ck.get('kind')!r} run, not {kind!r}; choose another --out")
+            raise stmeta.Refused(f"{last} holds a {ck.get('kind')!r} run, not {kind!r}; choose another --out")
         if not resume:
-            raise SystemExit(f"{folder} already holds a run (step {ck['step']}/{ck['total']}): pass --resume to "
-                             f"continue it, or choose another --out")
+            raise stmeta.Refused(f"{folder} already holds a run (step {ck['step']}/{ck['total']}): pass --resume "
+                                 f"to continue it, or choose another --out")
         ignore = ("data.workers", "compile")  # may change between sessions without changing results
-        diffs = [d for d in stmeta.diff_configs(ck["config"], stmeta.config_to_dict(cfg)) if d[0] not in ignore]
-        if diffs:
-            lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
-            raise SystemExit(f"cannot resume {folder}: the config differs from the saved run in\n{lines}\n"
-                             f"rerun with the saved settings, or start a new run with another --out")
+        diffs = [(f"--{k}", a, b) for k, a, b in stmeta.diff_configs(ck["config"], stmeta.config_to_dict(cfg))
+                 if k not in ignore]
+        saved = ck.get("inputs") or {}  # absent in checkpoints older than this check
+        changed = [(k, saved[k], v) for k, v in RUN_INFO.get("inputs", {}).items() if k in saved and saved[k] != v]
+        if diffs or changed:
+            said = [f"the {what} differ{'s' if what == 'config' else ''} from the saved run's in "
+                    + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in found)
+                    for what, found in (("config", diffs), ("inputs", changed)) if found]
+            raise stmeta.Refused(f"cannot resume {folder}: {' and '.join(said)}; rerun with the saved settings "
+                                 f"and inputs, or start a new run with another --out")
         if dist.is_main:
-            print(f"resuming {last} at step {ck['step']}/{ck['total']}")
+            dropped = stmeta.truncate_log(os.path.join(folder, "log.jsonl"), ck["step"])
+            stmeta.remove_temporaries(folder)
+            print(f"resuming {last} at step {ck['step']}/{ck['total']}"
+                  + (f" ({dropped} log line(s) past it dropped)" if dropped else ""))
         return ck
     if dist.is_main:
         if resume:  # killed before its first checkpoint, or a phase not reached yet: start it
             print(f"--resume: no checkpoint in {folder} yet; this phase starts from step 0")
         os.makedirs(folder, exist_ok=True)
+        stmeta.remove_temporaries(folder)
+        if os.path.exists(os.path.join(folder, "log.jsonl")):  # a killed start's lines: this start logs anew
+            stmeta.truncate_log(os.path.join(folder, "log.jsonl"), -1)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(stmeta.config_to_dict(cfg), f, indent=2)
     return None
 
 
-def check_finite(value: float, step: int, folder: str) -> None:
-    """A non-finite loss stops the run; last.pt (written only after this check) stays good."""
+def finished(ck: dict | None, folder: str, what: str, dist: stmeta.Dist) -> bool:
+    """A resumed run skips a phase that had finished, and puts every RNG back where that
+    phase left it, so the phases after it draw what an uninterrupted run draws."""
+    if ck is None or ck["step"] < ck["total"]:
+        return False
+    stmeta.set_rng_state(ck["rng"])
+    if dist.is_main:
+        print(f"{folder}: {what} already finished ({ck['step']} steps); skipping")
+    return True
+
+
+def check_finite(value: float, step: int, folder: str, phase: str, lr: float) -> None:
+    """A non-finite loss stops the run; last.pt (written only after this check) stays good.
+    `phase` names the config section of the phase that diverged (pretrain, finetune, meta)."""
     if not math.isfinite(value):
         last = os.path.join(folder, "last.pt")
         where = (f"the last good checkpoint is {last} (step {stmeta.load_checkpoint(last)['step']})"
                  if os.path.exists(last) else "no checkpoint was written yet")
         raise SystemExit(f"step {step}: the loss is {value} (not finite); stopping. {where}. Try a lower learning "
-                         f"rate (e.g. --pretrain.lr=...), --clip_grad=1.0, or --precision fp32.")
+                         f"rate than {lr:.3g} (--{phase}.lr=...), gradient clipping (--{phase}.clip_grad=1.0), "
+                         f"or --precision fp32.")
 
 
 def wrap_model(model, cfg, device, dist: stmeta.Dist):
@@ -331,9 +359,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     enc = cfg.model.encoder
     log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
     resume_ck = start_run(folder, "mae", cfg, args.resume, dist)
-    if resume_ck is not None and resume_ck["step"] >= resume_ck["total"]:
-        if dist.is_main:
-            print(f"{folder}: MAE phase already finished ({resume_ck['step']} steps); skipping")
+    if finished(resume_ck, folder, "the MAE phase", dist):
         return resume_ck
 
     # data: train clips of the training classes (labels unused), val clips of held-out classes
@@ -348,7 +374,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     batch = pc.batch_size
     steps_per_epoch = len(train_idx) // (batch * dist.world_size)
     if steps_per_epoch == 0:
-        raise SystemExit(f"only {len(train_idx)} training clips for batch size {batch} x {dist.world_size} "
+        raise stmeta.Refused(f"only {len(train_idx)} training clips for batch size {batch} x {dist.world_size} "
                          f"process(es); lower --pretrain.batch_size")
     total = (pc.max_steps or pc.epochs * steps_per_epoch) // pc.accum_steps
     warmup = pc.warmup_epochs * steps_per_epoch // pc.accum_steps
@@ -434,7 +460,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
             # -- log (the only host sync: the loss is read here, and checked before any save)
             if do_log:
                 train_loss = (loss_sum / max(loss_n, 1)).item()
-                check_finite(train_loss, step, folder)
+                check_finite(train_loss, step, folder, "pretrain", lr_now)
                 dt = time.time() - t0
                 rec = {"step": step, "total": total, "loss": train_loss, "lr": lr_now,
                        "ms/step": 1000 * dt / max(loss_n / pc.accum_steps, 1), "clips/s": seen / max(dt, 1e-9),
@@ -469,9 +495,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
     enc = dataclasses.replace(cfg.model.encoder, drop_path=ft.drop_path)
     log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
     resume_ck = start_run(folder, "classifier", cfg, args.resume, dist)
-    if resume_ck is not None and resume_ck["step"] >= resume_ck["total"]:
-        if dist.is_main:
-            print(f"{folder}: classifier already finished; skipping")
+    if finished(resume_ck, folder, "the classifier phase", dist):
         return resume_ck
 
     class_split = None if classes == "all" else "meta_train"
@@ -491,7 +515,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
     batch = ft.batch_size
     steps_per_epoch = len(train_idx) // (batch * dist.world_size)
     if steps_per_epoch == 0:
-        raise SystemExit(f"only {len(train_idx)} labelled training clips for batch size {batch}; lower "
+        raise stmeta.Refused(f"only {len(train_idx)} labelled training clips for batch size {batch}; lower "
                          f"--finetune.batch_size or raise --labeled-fraction")
     total = (ft.max_steps or ft.epochs * steps_per_epoch) // ft.accum_steps
     warmup = ft.warmup_epochs * steps_per_epoch // ft.accum_steps
@@ -586,7 +610,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
             do_ckpt = step % ckpt_every == 0 or step == total or step == stop_at
             if step % log_every == 0 or do_eval or do_ckpt:
                 train_loss = (loss_sum / max(loss_n, 1)).item()
-                check_finite(train_loss, step, folder)
+                check_finite(train_loss, step, folder, "finetune", lr_now)
                 dt = time.time() - t0
                 rec = {"step": step, "total": total, "loss": train_loss,
                        "train_acc": correct.item() / max(loss_n * batch, 1), "lr": lr_now,
@@ -696,27 +720,40 @@ def draw_learning_curve(folder: str, cfg: stmeta.Config, val_eps) -> str:
     return path
 
 
+def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler, data.EpisodeSampler]:
+    """Meta-train episodes (labelled clips of the meta-train classes, augmented as Santoro's
+    when asked) and validation episodes (held-out meta-test classes, never augmented)."""
+    mc = cfg.meta
+    train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
+                                      cfg.seed)
+    ep_kw = dict(n_way=mc.n_way, k_shot=mc.k_shot, n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots)
+    try:
+        train_eps = data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"),
+                                        rotations=mc.rotate_classes, max_shift=mc.max_shift, **ep_kw)
+    except data.DataError as e:
+        raise stmeta.Refused(f"meta-train episodes: {e}") from None
+    try:
+        val_eps = data.EpisodeSampler(cache, cache.indices(class_split="meta_test"), cache.classes_in("meta_test"),
+                                      **ep_kw)
+    except data.DataError as e:
+        raise stmeta.Refused(f"held-out (meta-test) episodes: {e}") from None
+    return train_eps, val_eps
+
+
 def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
                encoder_state: dict | None) -> dict:
     mc = cfg.meta
     enc = cfg.model.encoder
     log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
     resume_ck = start_run(folder, "mann", cfg, args.resume, dist)
-    if resume_ck is not None and resume_ck["step"] >= resume_ck["total"]:
-        if dist.is_main:
-            print(f"{folder}: MANN already finished; skipping")
+    if finished(resume_ck, folder, "the MANN phase", dist):
         return resume_ck
 
     # episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
     # meta-test classes for validation (never augmented)
-    train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
-                                      cfg.seed)
+    train_eps, val_eps = episode_samplers(cfg, cache)
     val_pool = cache.indices(class_split="meta_test")
-    ep_kw = dict(n_way=mc.n_way, k_shot=mc.k_shot, n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots)
     augment = mc.rotate_classes or mc.max_shift > 0
-    train_eps = data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"), rotations=mc.rotate_classes,
-                                    max_shift=mc.max_shift, **ep_kw)
-    val_eps = data.EpisodeSampler(cache, val_pool, cache.classes_in("meta_test"), **ep_kw)
 
     backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size, channels=mc.pixels_channels or None)
     if encoder_state is not None and mc.backbone == "mae":
@@ -848,7 +885,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         do_ckpt = step % mc.ckpt_every == 0 or step == total or step == stop_at
         if step % log_every == 0 or do_eval or do_ckpt:
             train_loss = (loss_sum / max(loss_n, 1)).item()
-            check_finite(train_loss, step, folder)
+            check_finite(train_loss, step, folder, "meta", lr_now)
             dt = time.time() - t0
             metrics["train_seconds"] = metrics.get("train_seconds", 0.0) + dt  # kept across a resume
             rec = {"step": step, "total": total, "loss": train_loss, "train_acc": (acc_sum / max(loss_n, 1)).item(),
@@ -899,8 +936,9 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
             state = {"encoder." + k[len("backbone.vit."):]: v for k, v in state.items()
                      if k.startswith("backbone.vit.")}
             if not state:
-                raise SystemExit(f"{path}: this stage-3 run's backbone has no encoder weights "
+                raise stmeta.Refused(f"{path}: this stage-3 run's backbone has no encoder weights "
                                  f"(backbone {ck['config']['meta']['backbone']!r})")
+        check_fits(path, model_cfg, state)
         return model_cfg, state, f"our {ck['kind']} checkpoint (step {ck.get('step')})"
     fit = {}
     if run_cfg is not None:
@@ -916,6 +954,21 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
     return model_cfg, state, "a published video MAE checkpoint"
 
 
+def check_fits(path: str, model_cfg: stmeta.MAEConfig, state: dict) -> None:
+    """The checkpoint's tensors against the model its own config describes (built on the meta
+    device: shapes only, no memory), so a file whose weights do not fit is refused up front."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in models.VideoMAE(model_cfg).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - a config that cannot build a model is the same complaint
+        raise stmeta.Refused(f"{path}: its config does not describe a buildable model ({e})") from None
+    bad = [f"{k} {tuple(v.shape)} (its config needs {expected[k]})" for k, v in state.items()
+           if k in expected and tuple(v.shape) != expected[k]]
+    if bad:
+        raise stmeta.Refused(f"{path}: {len(bad)} tensor(s) do not fit the model its config describes, e.g. "
+                             f"{'; '.join(bad[:3])}")
+
+
 def encoder_of(mae_state: dict) -> dict:
     return {k[len("encoder."):]: v for k, v in mae_state.items() if k.startswith("encoder.")}
 
@@ -925,33 +978,68 @@ def print_config(cfg: stmeta.Config, stage: int) -> None:
     parts.update({1: {"pretrain": cfg.pretrain}, 2: {"pretrain": cfg.pretrain, "finetune": cfg.finetune},
                   3: {"pretrain": cfg.pretrain, "meta": cfg.meta, "mann": cfg.mann}}[stage])
     print(f"config (preset {cfg.preset}, seed {cfg.seed}, precision {cfg.precision}, compile {cfg.compile}):")
-    for name, sub in parts.items():
-        flat = stmeta.flatten_config(sub)
-        print(f"  {name}: " + " ".join(f"{k}={v}" for k, v in flat.items()))
+    for name, sub in parts.items():  # wrapped: one field never split, no line past 100 characters
+        items = [f"{k}={v}" for k, v in stmeta.flatten_config(sub).items()]
+        print(textwrap.fill(" ".join(items), width=100, initial_indent=f"  {name}: ",
+                            subsequent_indent=" " * (len(name) + 4), break_long_words=False,
+                            break_on_hyphens=False))
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
+    """The command line: everything the user gave is checked before the first step (one
+    `error:` line, exit code 2, for anything wrong), then the stages run in --out under a lock."""
     args, overrides = parse_args(argv)
     dist, device_name = stmeta.setup_distributed(args.device)
+    lock = None
+    try:
+        lock = prepare_run(args, overrides, dist, device_name)
+        return run(*lock[1:])
+    except stmeta.InputError as e:  # a data or checkpoint problem found mid-way: still one line
+        raise stmeta.Refused(str(e)) from None
+    finally:
+        if lock is not None:
+            lock[0].release()
+
+
+def check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}.tmp")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise stmeta.Refused(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def check_episodes(cfg: stmeta.Config, cache) -> None:
+    """Stage 3's episode shape against the data, before MAE pretraining and classification
+    spend their time: the samplers the MANN phase builds, built now (they raise DataError)."""
+    episode_samplers(cfg, cache)
+
+
+def prepare_run(args, overrides, dist, device_name):
+    """Resolve and check everything; -> (lock, args, cfg, ...) for run(). Raises Refused."""
     try:
         device = stmeta.pick_device(device_name, verbose=dist.is_main)
         cfg = resolve_config(args, overrides, device)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise stmeta.Refused(str(e)) from None
+    if args.seed is not None and args.seed < 0:
+        raise stmeta.Refused(f"--seed {args.seed}: must be 0 or more")
+    if args.stop_after < 0 or args.log_every < 0:
+        raise stmeta.Refused("--stop-after and --log-every take 0 (off) or a positive number of steps")
     source = args.init if args.stage == 1 else args.pretrained
     source_state = None
     if args.init and args.stage != 1:
-        raise SystemExit("--init is for stage 1; stages 2 and 3 take --pretrained")
+        raise stmeta.Refused("--init is for stage 1; stages 2 and 3 take --pretrained")
     if args.pretrained and args.stage == 1:
-        raise SystemExit("--pretrained is for stages 2 and 3; stage 1 takes --init")
+        raise stmeta.Refused("--pretrained is for stages 2 and 3; stage 1 takes --init")
     if source:
-        try:
-            model_cfg, source_state, what = load_source(source, dist, cfg, overrides)
-        except stmeta.CheckpointError as e:
-            raise SystemExit(str(e)) from None
+        model_cfg, source_state, what = load_source(source, dist, cfg, overrides)
         if dist.is_main:
             print(f"{'init' if args.stage == 1 else 'pretrained'}: {source} ({what}); its encoder architecture "
                   f"is used: width {model_cfg.encoder.width}, depth {model_cfg.encoder.depth}, "
@@ -959,22 +1047,38 @@ def main(argv=None) -> dict:
         mask_ratio = cfg.model.mask_ratio
         cfg.model = model_cfg
         cfg.model.mask_ratio = mask_ratio
+    stmeta.check_config(cfg)
     precision = stmeta.resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = args.out or default_out(args.stage, args.resume)
     if dist.is_main:
-        print(f"run: {out} | stage {args.stage} | device {device} | precision {precision}")
-        print_config(cfg, args.stage)
-    stmeta.seed_everything(cfg.seed)
+        check_writable(out)
+    stmeta.seed_everything(cfg.seed)  # as run() starts: building the synthetic benchmark may draw
     cache = open_data(args, cfg, dist)
-    RUN_INFO.update(data=os.path.abspath(args.data), init=os.path.abspath(source) if source else None)
     if args.stage == 3 and cfg.meta.pretrain_steps:
         cfg.pretrain.max_steps = cfg.meta.pretrain_steps
     if args.stage == 3 and cfg.meta.pixels_channels == 0:  # grey data stays one channel for the pixels backbone
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
+    if args.stage == 3:
+        check_episodes(cfg, cache)
+    RUN_INFO.update(data=os.path.abspath(args.data), init=os.path.abspath(source) if source else None)
+    RUN_INFO["inputs"] = {"--data": os.path.abspath(args.data), "data fingerprint": stmeta.fingerprint(args.data, data.CACHE_FILES),
+                          "--init/--pretrained": os.path.abspath(source) if source else None,
+                          "source fingerprint": stmeta.fingerprint(source), "--classes": args.classes,
+                          "--recipe": args.recipe}
+    lock = stmeta.RunLock(out).acquire() if dist.is_main else stmeta.RunLock(out)
+    if dist.is_main:
+        print(f"run: {out} | stage {args.stage} | device {device} | precision {precision}")
+        print_config(cfg, args.stage)
+    return lock, args, cfg, out, cache, device, precision, dist, source_state
 
+
+def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
+    """The stages, in order; each phase resumes or skips itself from its folder's last.pt."""
+    stmeta.seed_everything(cfg.seed)
+    t_run = time.time()
     result: dict = {"run": out}
     if args.stage == 1:
         ck = train_mae(cfg, cache, out, device, precision, dist, args, init_state=source_state)
@@ -1041,9 +1145,11 @@ def main(argv=None) -> dict:
                       f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
                       f"chance {100 / cfg.meta.n_way:.0f}%)")
             print(f"report: {os.path.join(out, 'report.md')}")
+    if dist.is_main:
+        print(f"run took {stmeta.format_duration(time.time() - t_run)}")
     stmeta.cleanup_distributed(dist)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    stmeta.cli(main)

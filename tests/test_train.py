@@ -272,3 +272,114 @@ def test_episode_loss_is_the_mean_over_scored_steps():
     expected = torch.nn.functional.cross_entropy(logits[is_query], target[is_query])
     torch.testing.assert_close(loss, expected)
     assert torch.equal(ok, logits.argmax(-1) == target)
+
+
+# -- issue 12: exact resume at phase boundaries, inputs, the lock, refusals before any work
+
+
+@pytest.mark.parametrize("kept", [("pretrain",), ("pretrain", "classify")])
+def test_resume_at_a_phase_boundary_equals_uninterrupted(tmp_path, tiny_data, kept):
+    """A stage-3 run killed after a phase finished and before the next phase's first checkpoint
+    (for ("pretrain", "classify"): during the embedding pass) resumes to the same weights and
+    accuracy: the skipped phase puts back the RNG state it ended with."""
+    import shutil
+
+    extra = ["--meta.steps=4", "--meta.ckpt_every=2"]
+    full, full_out = run(str(tmp_path), tiny_data, *extra, stage=3, name="full")
+    cut_out = os.path.join(tmp_path, "cut")
+    for phase in kept:  # what a kill at that boundary leaves on disk
+        shutil.copytree(os.path.join(full_out, phase), os.path.join(cut_out, phase))
+    resumed, _ = run(str(tmp_path), tiny_data, *extra, "--resume", stage=3, name="cut")
+    a, b = weights(os.path.join(full_out, "last.pt")), weights(os.path.join(cut_out, "last.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["fewshot"]["mann"][1]["mean"] == full["fewshot"]["mann"][1]["mean"]
+
+
+def test_resume_truncates_the_log_and_removes_temporaries(tmp_path, tiny_data):
+    with pytest.raises(SystemExit):
+        run(str(tmp_path), tiny_data, "--pretrain.ckpt_every=2", "--stop-after", "3", stage=1)
+    out = os.path.join(tmp_path, "run")
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # what a killed process logged past last.pt
+        f.write(json.dumps({"step": 4, "total": 4, "loss": 99.0}) + "\n")
+    open(os.path.join(out, "last.pt.abc.tmp"), "wb").close()
+    run(str(tmp_path), tiny_data, "--pretrain.ckpt_every=2", "--resume", stage=1)
+    steps = [r["step"] for r in stmeta.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4, steps  # each step once
+    assert 99.0 not in [r["loss"] for r in stmeta.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_resume_with_other_inputs_is_refused(tmp_path, tiny_data):
+    import shutil
+
+    with pytest.raises(SystemExit):
+        run(str(tmp_path), tiny_data, "--stop-after", "2", stage=1)
+    other = os.path.join(tmp_path, "other-cache")
+    shutil.copytree(tiny_data, other)
+    meta = json.load(open(os.path.join(other, "meta.json")))
+    meta["seed"] = meta.get("seed", 0)
+    meta["note"] = "another dataset"
+    json.dump(meta, open(os.path.join(other, "meta.json"), "w"))
+    with pytest.raises(SystemExit, match=r"inputs differ[\s\S]*--data[\s\S]*data fingerprint"):
+        train.main(["--stage", "1", "--preset", "tiny", "--device", "cpu", "--data", other, "--resume",
+                    "--out", os.path.join(tmp_path, "run")])
+
+
+def test_one_process_per_run_folder(tmp_path, tiny_data):
+    out = os.path.join(tmp_path, "run")
+    os.makedirs(out)
+    lock = stmeta.RunLock(out).acquire()  # held by this (live) process
+    with pytest.raises(SystemExit, match="in use by another run"):
+        run(str(tmp_path), tiny_data, stage=1)
+    lock.release()
+    with open(os.path.join(out, "run.lock"), "w") as f:  # left by a process that is gone
+        f.write(f"{os.uname().nodename} 999999999")
+    run(str(tmp_path), tiny_data, stage=1)
+    assert not os.path.exists(os.path.join(out, "run.lock"))
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("--meta.n_way=0", "--meta.n_way=0"), ("--meta.k_shot=0", "--meta.k_shot=0"),
+    ("--meta.layout=bogus", "not one of support_query, sequence"), ("--mask_ratio=1.5", "mask_ratio=1.5"),
+    ("--mask_ratio=1.0", "mask_ratio=1.0"), ("--mask_ratio=nan", "finite"), ("--seed=-1", "seed"),
+    ("--encoder.attention=foo", "not one of joint, divided"), ("--meta.n_way=7", "needs 7 classes"),
+    ("--meta.seq_shots=50", "needs 50 per class")])
+def test_bad_values_are_refused_before_any_work(tmp_path, tiny_data, bad, says):
+    extra = ["--meta.layout=sequence"] if "seq_shots" in bad else []
+    with pytest.raises(SystemExit, match=says) as e:
+        run(str(tmp_path), tiny_data, bad, *extra, stage=3)
+    assert e.value.code == 2
+    assert not os.path.exists(os.path.join(tmp_path, "run", "pretrain")), "work started before the refusal"
+
+
+def test_bad_paths_and_misfit_checkpoints_get_one_line(tmp_path, tiny_data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="not a clip cache"):
+        run(str(tmp_path), str(empty), stage=1)
+    truncated = tmp_path / "truncated"
+    import shutil
+
+    shutil.copytree(tiny_data, truncated)
+    with open(truncated / "clips.npy", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit, match="clips.npy"):
+        run(str(tmp_path), str(truncated), stage=1)
+    ok, ok_out = run(str(tmp_path), tiny_data, stage=1, name="ok")
+    ck = stmeta.load_checkpoint(os.path.join(ok_out, "last.pt"))
+    ck["config"]["model"]["encoder"]["width"] = 64  # tensors no longer fit the config
+    torch.save(ck, tmp_path / "misfit.pt")
+    with pytest.raises(SystemExit, match="misfit.pt"):
+        run(str(tmp_path), tiny_data, "--pretrained", str(tmp_path / "misfit.pt"), stage=2, name="m")
+
+
+def test_command_line_errors_are_one_line_with_code_2(tmp_path, tiny_data):
+    for cmd in (["train.py", "--stage", "3", "--preset", "tiny", "--device", "cpu", "--data", tiny_data,
+                 "--out", str(tmp_path / "r"), "--meta.layout=bogus"],
+                ["eval.py", "fewshot", "--run", str(tmp_path / "nope")],
+                ["data.py", "info", str(tmp_path / "nope")]):
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (cmd, proc.stdout[-500:], proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: "), \
+            proc.stderr[-1500:]
