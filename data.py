@@ -1123,7 +1123,9 @@ def failure_report(meta: dict, limit: int = 3) -> str:
     for f in failures:
         # 'video not found: no abc_000001_000011.* ...' and "label 'x' is not in ..." group by
         # what went wrong, not by which file or label
-        kind = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", f["reason"].split(":")[0])[:100]
+        # (only free-standing numbers are masked, as N: "MP4" and "x264" stay as they are)
+        kind = re.sub(r"'[^']*'|\"[^\"]*\"", "_", f["reason"].split(":")[0])
+        kind = re.sub(r"(?<![\w.])\d[\d,.]*(?![\w])", "N", kind)[:100]
         groups.setdefault(kind, []).append(f)
     for kind, fs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  {len(fs)} x {kind}")
@@ -1513,6 +1515,29 @@ def _synth_params(n_classes, clips_per_class, frames, size, seed, meta_test_frac
             "mp4": bool(write_mp4)}
 
 
+def refuse_to_replace(out: Path) -> None:
+    """`synth` rebuilds its own cache (an older or partial synthetic build), never anything
+    else: a prepared cache of decoded videos, or a folder holding other files, is refused."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: a file, not a folder; choose another --out")
+    meta = out / "meta.json"
+    if meta.exists():
+        try:
+            kind = json.loads(meta.read_text()).get("kind")
+        except (OSError, ValueError):
+            kind = None
+        if kind != "synthetic":
+            raise DataError(f"{out} holds a clip cache that `synth` did not make (kind {kind!r}); it would be "
+                            f"replaced: choose another --out, or delete it first")
+    ours = {"meta.json", "clips.npy", "videos"}
+    other = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp"))
+    if other:
+        raise DataError(f"{out} is not empty and not a synthetic cache (it holds {', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}): choose another --out")
+
+
 def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIPS_PER_CLASS, frames: int = 32,
                     size: int = 64, seed: int = 0, write_mp4: bool = False, workers: int | None = None,
                     meta_test_fraction: float = 0.2, val_fraction: float = 0.2, verbose: bool = True) -> dict:
@@ -1531,6 +1556,7 @@ def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIP
         pick = np.random.default_rng(seed).choice(len(names_all), n_classes, replace=False)
         names = [names_all[i] for i in sorted(pick)]
     out = Path(out)
+    refuse_to_replace(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "meta.json").exists():  # never leave an old 'complete' meta next to new frames
         (out / "meta.json").unlink()

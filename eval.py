@@ -48,12 +48,12 @@ def find_checkpoint(run: str, prefer: str = "best.pt") -> str:
     if os.path.isfile(run):
         return run
     if not os.path.isdir(run):
-        raise SystemExit(f"--run {run}: no such run folder or checkpoint file")
+        raise stmeta.Refused(f"--run {run}: no such run folder or checkpoint file")
     for name in (prefer, "last.pt", "best.pt"):
         path = os.path.join(run, name)
         if os.path.exists(path):
             return path
-    raise SystemExit(f"--run {run}: no best.pt or last.pt in this folder (was the run started?)")
+    raise stmeta.Refused(f"--run {run}: no best.pt or last.pt in this folder (was the run started?)")
 
 
 def load_run(run: str, kinds: tuple[str, ...], prefer: str = "best.pt") -> tuple[dict, stmeta.Config, str]:
@@ -62,13 +62,13 @@ def load_run(run: str, kinds: tuple[str, ...], prefer: str = "best.pt") -> tuple
     try:
         ck = stmeta.load_checkpoint(path)
     except stmeta.CheckpointError as e:
-        raise SystemExit(str(e)) from None
+        raise stmeta.Refused(str(e)) from None
     if ck.get("kind") not in kinds and os.path.isdir(run) and "mae" in kinds:
         sub = os.path.join(run, "pretrain")
         if os.path.isdir(sub):
             return load_run(sub, kinds, prefer)
     if ck.get("kind") not in kinds:
-        raise SystemExit(f"{path} holds a {ck.get('kind')!r} checkpoint; this command needs one of {kinds}")
+        raise stmeta.Refused(f"{path} holds a {ck.get('kind')!r} checkpoint; this command needs one of {kinds}")
     cfg = stmeta.config_from_dict(stmeta.Config, ck["config"])
     folder = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
     return ck, cfg, folder
@@ -88,7 +88,7 @@ def build_model(ck: dict, cfg: stmeta.Config, cache=None):
         mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=cfg.meta.n_way)
         model = models.MetaLearner(backbone, mann, input_norm=cfg.meta.input_norm)
     else:
-        raise SystemExit(f"unknown checkpoint kind {kind!r}")
+        raise stmeta.Refused(f"unknown checkpoint kind {kind!r}")
     model.load_state_dict(ck["model"])
     return model.eval()
 
@@ -96,7 +96,7 @@ def build_model(ck: dict, cfg: stmeta.Config, cache=None):
 def open_cache(ck: dict, override: str | None) -> data.ClipCache:
     path = override or ck.get("data")
     if not path or not os.path.isdir(path):
-        raise SystemExit(f"the run's data folder {path!r} is not there; pass --data DIR")
+        raise stmeta.Refused(f"the run's data folder {path!r} is not there; pass --data DIR")
     return data.ClipCache(path)
 
 
@@ -196,6 +196,8 @@ def cmd_recon(args) -> dict:
     cache = open_cache(ck, args.data)
     model = build_model(ck, cfg).to(device)
     mask_ratio = cfg.model.mask_ratio if args.mask_ratio is None else args.mask_ratio
+    if not 0 <= mask_ratio < 1:  # also nan
+        raise stmeta.Refused(f"--mask-ratio {mask_ratio}: must be in [0, 1)")
     pool = cache.indices(class_split=args.split, labelled_only=False) if args.split != "all" else \
         np.arange(len(cache.labels))
     pool = pool[: args.clips]
@@ -289,9 +291,9 @@ def cmd_classify(args) -> dict:
     label_map = {c: i for i, c in enumerate(class_ids)}
     idx = np.array([i for i in cache.indices(clip_split=args.split) if cache.labels[i] in label_map])
     if len(idx) == 0:
-        raise SystemExit(f"no labelled clips of this classifier's classes in the {args.split!r} split")
+        raise stmeta.Refused(f"no labelled clips of this classifier's classes in the {args.split!r} split")
     enc = cfg.model.encoder
-    views = args.views or cfg.data.num_views
+    views = args.views if args.views is not None else cfg.data.num_views
     ds = data.ClipDataset(cache, idx, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
                           size=enc.img_size, train=False, num_views=views, label_map=label_map)
     probs, labels = [], []
@@ -439,7 +441,7 @@ def evaluate_methods(model, emb: torch.Tensor, cache, cfg: stmeta.Config, shots,
                 elif m == "logreg":
                     pred = logreg_predict(xb, ep, mc.n_way)
                 else:
-                    raise SystemExit(f"unknown method {m!r}")
+                    raise stmeta.Refused(f"unknown method {m!r}")
                 accs[m].append(episode_accuracy(pred, ep))
                 kinds[m] |= {len(set(p[q].tolist())) for p, q in zip(pred, ep.is_query)}
             done += ep.clips.shape[0]
@@ -541,7 +543,7 @@ def evaluate_sequence(model, emb: torch.Tensor, cache, cfg: stmeta.Config, episo
             elif m == "logreg":
                 correct = (logreg_sequence_predict(xb, ep, mc.n_way) == ep.target).float()
             else:
-                raise SystemExit(f"unknown method {m!r}")
+                raise stmeta.Refused(f"unknown method {m!r}")
             rows[m][0].append(correct.mean(1))
             rows[m][1].append(by_presentation(correct, ep.instance, mc.seq_shots))
         done += ep.clips.shape[0]
@@ -611,7 +613,7 @@ def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: 
     dev = stmeta.pick_device(device, verbose=False)
     cache = cache or open_cache(ck, data_dir)
     model = build_model(ck, cfg).to(dev)
-    episodes = episodes or cfg.meta.test_episodes
+    episodes = episodes if episodes is not None else cfg.meta.test_episodes
     pool = cache.indices(class_split="meta_test")
     emb = run_embeddings(model, cache, cfg, dev, pool)
     mc = cfg.meta
@@ -695,7 +697,7 @@ def cmd_ablation(args) -> dict:
     both_ck, both_cfg, folder = load_run(args.both, ("mann",), prefer="last.pt")  # see fewshot()
     dev = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(both_ck, args.data)
-    episodes = args.episodes or both_cfg.meta.test_episodes
+    episodes = args.episodes if args.episodes is not None else both_cfg.meta.test_episodes
     pool = cache.indices(class_split="meta_test")
     mc = both_cfg.meta
     sequence = mc.layout == "sequence"
@@ -712,7 +714,7 @@ def cmd_ablation(args) -> dict:
     for role, run in runs:
         ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
         if (cfg.meta.n_way, cfg.meta.layout) != (mc.n_way, mc.layout):
-            raise SystemExit(f"{run} is a {cfg.meta.n_way}-way {cfg.meta.layout} run; {args.both} is "
+            raise stmeta.Refused(f"{run} is a {cfg.meta.n_way}-way {cfg.meta.layout} run; {args.both} is "
                              f"{mc.n_way}-way {mc.layout}: arms must be scored on the same episodes")
         what = describe_arm(ck, cfg)
         arms.append((f"{role}{what['model']} on {what['encoder']}", run, run_budget(ck, cfg),
@@ -1509,7 +1511,7 @@ def cmd_speed(args) -> dict:
     args.rows = [r.strip() for r in args.rows.split(",")]
     unknown = sorted(set(args.rows) - set(SPEED_ROWS))
     if unknown:
-        raise SystemExit(f"--rows {','.join(unknown)}: unknown; choose from {','.join(SPEED_ROWS)}")
+        raise stmeta.Refused(f"--rows {','.join(unknown)}: unknown; choose from {','.join(SPEED_ROWS)}")
     device = stmeta.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1629,25 +1631,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--split", default="meta_test", choices=("meta_test", "meta_train", "all"),
                     help="class split to score (default: the held-out classes, as the paper's test split)")
-    sp.add_argument("--clips", type=int, default=64, help="number of clips to average over (default 64)")
+    sp.add_argument("--clips", type=stmeta.positive_int, default=64, help="number of clips to average over (default 64)")
     sp.add_argument("--mask-ratio", type=float, default=None, help="default: the model's own")
-    sp.add_argument("--seed", type=int, default=0, help="masking seed (the same masks for both models)")
+    sp.add_argument("--seed", type=int, default=0, choices=range(0, 2**31), metavar="SEED",
+                    help="masking seed (the same masks for both models)")
     sp = sub.add_parser("classify", help="top-1 / top-5, per-class accuracy, confusion matrix")
     common(sp)
     sp.add_argument("--split", default="val", choices=("val", "train"))
-    sp.add_argument("--views", type=int, default=0, help="temporal views per clip (default: data.num_views)")
+    sp.add_argument("--views", type=stmeta.positive_int, default=None,
+                    help="temporal views per clip (default: data.num_views)")
     sp = sub.add_parser("fewshot", help="N-way K-shot on held-out classes: MANN, class means, logistic regression")
     common(sp)
-    sp.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    sp.add_argument("--episodes", type=int, default=0, help="default: meta.test_episodes (1000)")
+    sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
+    sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
     sp.add_argument("--methods", nargs="+", default=["mann", "ncm", "logreg"], choices=("mann", "ncm", "logreg"))
     sp = sub.add_parser("ablation", help="meta-learning only vs representation only vs both, same episodes")
     common(sp, run=False)
     sp.add_argument("--both", required=True, help="stage-3 run with the MAE backbone (MAE + MANN)")
     sp.add_argument("--meta-only", default=None, help="stage-3 run with --backbone scratch (ViT from scratch + MANN)")
     sp.add_argument("--extra", nargs="*", help="more stage-3 runs to add as arms (e.g. --backbone pixels)")
-    sp.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    sp.add_argument("--episodes", type=int, default=0, help="default: meta.test_episodes (1000)")
+    sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
+    sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
     sp = sub.add_parser("export", help="latent embedding of every clip to .npy, with labels in a .json")
     common(sp)
     sp.add_argument("--out", default=None, help="output .npy (default <run>/latents.npy)")
@@ -1661,9 +1665,9 @@ def main(argv=None):
                 "export": cmd_export, "speed": cmd_speed}
     try:
         return handlers[args.cmd](args)
-    except (stmeta.CheckpointError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    except (stmeta.InputError, ValueError) as e:
+        raise stmeta.Refused(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    stmeta.cli(main)

@@ -15,6 +15,7 @@ import it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -738,6 +739,17 @@ def cli(main) -> None:
         sys.exit(130)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (episodes, views, clips, shots)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 class RunLock:
     """One process per run folder: <folder>/run.lock holds the owner's host and pid, created
     with O_EXCL. A lock whose process is gone (killed, crashed) on this host is taken over;
@@ -881,11 +893,14 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         text = str(e).strip()
         # torch's weights_only refusal is a page of advice; the line that matters names the global
-        lines = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln] or text.splitlines()
+        lines = ([ln.strip() for ln in text.splitlines() if "unsupported global" in ln.lower()]
+                 or [ln.strip() for ln in text.splitlines() if ln.strip()])
         msg = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
         msg = msg if len(msg) > 12 else f"{type(e).__name__}: {msg}".rstrip(": ")  # e.g. a bare "101" says nothing
+        if len(msg) > 300:  # cut at a word, never mid-word
+            msg = msg[:300].rsplit(" ", 1)[0] + " ..."
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or it needs "
-                              f"code execution to load, which we refuse): {msg[:300]}") from None
+                              f"code execution to load, which we refuse): {msg}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, found {type(obj).__name__}")
     return obj

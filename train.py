@@ -1005,14 +1005,16 @@ def main(argv=None) -> dict:
 
 
 def check_writable(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}.tmp")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise stmeta.Refused(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+    """--out is a folder this process can write, or can be made in one: checked without
+    creating anything, so a refused run leaves no trace."""
+    path = os.path.abspath(folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise stmeta.Refused(f"--out {folder}: a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise stmeta.Refused(f"--out {folder}: cannot write there ({parent} is not a writable folder)")
 
 
 def check_episodes(cfg: stmeta.Config, cache) -> None:

@@ -760,7 +760,7 @@ def test_failure_report_groups_by_kind_of_reason():
     meta = {"failures": [data._failure(f"a.csv:{i}", f"video not found: no id{i}_000001_000011.* under /x")
                          for i in range(50)] + [data._failure("b.mp4", "empty file (0 bytes)")]}
     report = data.failure_report(meta)
-    assert "50 x video not found" in report and "1 x empty file (_ bytes)" in report
+    assert "50 x video not found" in report and "1 x empty file (N bytes)" in report
     assert "... and 47 more" in report and len(report.splitlines()) < 12
 
 
@@ -1236,3 +1236,22 @@ def test_real_omniglot_alphabets_prepare(tmp_path):
     assert cache.classes[0].split("/")[1] == "character01"
     paper = np.asarray(cache.clips).mean()
     assert 200 < paper < 255  # black strokes on white paper
+
+
+def test_synth_refuses_to_replace_a_cache_it_did_not_make(tmp_path):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "meta.json").write_text(json.dumps({"kind": "prepared", "classes": []}))
+    (prepared / "clips.npy").write_bytes(b"frames of decoded real videos")
+    with pytest.raises(DataError, match="did not make"):
+        data.build_synthetic(prepared, n_classes=4, clips_per_class=2, frames=4, size=8, verbose=False)
+    assert (prepared / "clips.npy").read_bytes() == b"frames of decoded real videos"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        data.build_synthetic(other, n_classes=4, clips_per_class=2, frames=4, size=8, verbose=False)
+    ours = tmp_path / "ours"  # its own cache is rebuilt as before
+    data.build_synthetic(ours, n_classes=4, clips_per_class=2, frames=4, size=8, verbose=False)
+    data.build_synthetic(ours, n_classes=5, clips_per_class=2, frames=4, size=8, verbose=False)
+    assert len(data.ClipCache(ours).classes) == 5
