@@ -347,8 +347,10 @@ def run_embeddings(model, cache, cfg: stmeta.Config, device, indices: np.ndarray
                           size=enc.img_size, train=False)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=cfg.data.workers)
     rows = []
+    prog = stmeta.Progress(len(ds), "embedding held-out clips")
     for video, _ in dl:
         rows.append(model.backbone(video.to(device)).float().cpu())
+        prog.update(video.shape[0])
     out[torch.as_tensor(indices)] = torch.cat(rows)
     return out
 
@@ -427,7 +429,9 @@ def evaluate_methods(model, emb: torch.Tensor, cache, cfg: stmeta.Config, shots,
         accs = {m: [] for m in methods}
         kinds = {m: set() for m in methods}  # the distinct predictions of each episode's queries
         done = 0
+        prog = stmeta.Progress(episodes, f"evaluating {mc.n_way}-way {k}-shot ({', '.join(methods)})", unit="episodes")
         while done < episodes:
+            prog.update(min(batch, episodes - done))
             ep = sampler.sample(min(batch, episodes - done), g)
             x = emb[ep.clips]  # (B, S, D)
             xb = baseline_input(x)
@@ -527,7 +531,9 @@ def evaluate_sequence(model, emb: torch.Tensor, cache, cfg: stmeta.Config, episo
     g = torch.Generator().manual_seed(EPISODE_SEED + 1)
     rows = {m: ([], []) for m in methods}  # per episode: overall accuracy, accuracy by presentation
     done = 0
+    prog = stmeta.Progress(episodes, f"evaluating by presentation ({', '.join(methods)})", unit="episodes")
     while done < episodes:
+        prog.update(min(batch, episodes - done))
         ep = sampler.sample(min(batch, episodes - done), g)
         x = emb[ep.clips]  # (B, S, D)
         xb = baseline_input(x)

@@ -945,7 +945,10 @@ def format_line(record: dict) -> str:
 
 
 class RunLog:
-    """Prints one line per record and appends it as JSON to <run>/log.jsonl."""
+    """Prints one line per record and appends it as JSON to <run>/log.jsonl. `RunLog.prefix`
+    (set by train.py per phase: "phase 2/3 classification | ") starts every printed line."""
+
+    prefix = ""
 
     def __init__(self, path: str | None, enabled: bool = True):
         self.path, self.enabled = path, enabled
@@ -957,7 +960,7 @@ class RunLog:
             return
         record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         if echo:
-            print(format_line(record), flush=True)
+            print(RunLog.prefix + format_line(record), flush=True)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")

@@ -1077,12 +1077,35 @@ def prepare_run(args, overrides, dist, device_name):
     return lock, args, cfg, out, cache, device, precision, dist, source_state
 
 
+def phases(args, cfg, has_source: bool) -> list[str]:
+    """The phases this run goes through, in order: what "phase k/n" counts."""
+    if args.stage == 1:
+        return ["MAE reconstruction"]
+    if args.stage == 2:
+        return ([] if has_source else ["MAE pretraining"]) + ["classification"]
+    pre = cfg.meta.backbone == "mae" and not has_source
+    return ((["MAE pretraining"] + (["classification"] if cfg.meta.classify else [])) if pre else []) + \
+        ["MANN meta-training", "evaluation"]
+
+
 def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
-    """The stages, in order; each phase resumes or skips itself from its folder's last.pt."""
+    """The stages, in order; each phase resumes or skips itself from its folder's last.pt.
+    Every progress line starts with "phase k/n <name> |"."""
     stmeta.seed_everything(cfg.seed)
     t_run = time.time()
+    plan = phases(args, cfg, source_state is not None)
+    if dist.is_main:
+        print(f"plan: {len(plan)} phase(s): " + ", ".join(plan))
+
+    def begin(name: str, what: str) -> None:
+        k = plan.index(name) + 1
+        stmeta.RunLog.prefix = f"phase {k}/{len(plan)} {name} | " if len(plan) > 1 else ""
+        if dist.is_main:
+            print(f"== phase {k}/{len(plan)}: {what}")
+
     result: dict = {"run": out}
     if args.stage == 1:
+        begin("MAE reconstruction", f"MAE reconstruction in {out}")
         ck = train_mae(cfg, cache, out, device, precision, dist, args, init_state=source_state)
         m = ck["metrics"]
         if dist.is_main:
@@ -1094,13 +1117,11 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
         if source_state is not None:
             enc_state = encoder_of(source_state)
         else:
-            if dist.is_main:
-                print(f"stage 2, phase 1: MAE pretraining (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
+            begin("MAE pretraining", f"MAE pretraining (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
             enc_state = encoder_of(train_mae(cfg, cache, os.path.join(out, "pretrain"), device, precision, dist,
                                              args, train_classes=None if args.classes == "all" else "meta_train")
                                    ["model"])
-        if dist.is_main:
-            print(f"stage 2, phase 2: fine-tuning encoder + head ({args.recipe}) in {out}")
+        begin("classification", f"fine-tuning encoder + head ({args.recipe}) in {out}")
         ck = train_classifier(cfg, cache, out, device, precision, dist, args, enc_state, args.classes)
         m = ck["metrics"]
         if dist.is_main:
@@ -1114,23 +1135,24 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
             if source_state is not None:
                 enc_state = encoder_of(source_state)
             else:
-                if dist.is_main:
-                    print(f"stage 3, phase 1: no --pretrained given, so MAE pretraining on the meta-train classes "
-                          f"first (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
+                begin("MAE pretraining", f"no --pretrained given, so MAE pretraining on the meta-train classes "
+                                         f"first (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
                 enc_state = encoder_of(train_mae(cfg, cache, os.path.join(out, "pretrain"), device, precision,
                                                  dist, args)["model"])
                 if cfg.meta.classify:
-                    if dist.is_main:
-                        print(f"stage 3, phase 2: fine-tuning the MAE encoder with a classification head on the "
-                              f"meta-train classes (stage 2's recipe; --meta.classify=false skips it) in {out}/classify")
+                    begin("classification", f"fine-tuning the MAE encoder with a classification head on the "
+                                            f"meta-train classes (stage 2's recipe; --meta.classify=false skips it) "
+                                            f"in {out}/classify")
                     enc_state = encoder_of(train_classifier(cfg, cache, os.path.join(out, "classify"), device,
                                                             precision, dist, args, enc_state, "meta_train")["model"])
-        if dist.is_main:
-            print(f"stage 3, last phase: meta-training the MANN on {cfg.meta.n_way}-way {cfg.meta.k_shot}-shot episodes "
-                  f"in {out}")
+        episode = (f"{cfg.meta.n_way}-way {cfg.meta.k_shot}-shot episodes" if cfg.meta.layout == "support_query"
+                   else f"{cfg.meta.n_way}-way sequences of {cfg.meta.seq_shots} instances a class")
+        begin("MANN meta-training", f"meta-training the {'LSTM' if cfg.mann.read_heads == 0 else 'MANN'} on "
+                                    f"{episode} in {out}")
         ck = train_mann(cfg, cache, out, device, precision, dist, args, enc_state)
         result.update(ck["metrics"])
         if dist.is_main:
+            begin("evaluation", f"scoring the final checkpoint on fixed held-out episodes (eval.py fewshot)")
             res = evaluate.fewshot(out, device=str(device), cache=cache)
             result["fewshot"] = res
             if cfg.meta.layout == "sequence":
@@ -1138,7 +1160,7 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
                 print(f"stage 3 done: {cfg.meta.n_way}-way, held-out classes, accuracy at the 1st / 2nd / "
                       f"{stmeta.ordinal(cfg.meta.seq_shots)} presentation: " + " / ".join(
                           f"{100 * seq['per_instance'][i]:.1f}%" for i in (0, 1, cfg.meta.seq_shots - 1))
-                      + f" (label counting: " + " / ".join(
+                      + " (label counting: " + " / ".join(
                           f"{100 * blind['per_instance'][i]:.1f}%" for i in (0, 1, cfg.meta.seq_shots - 1))
                       + f"; {seq['episodes']} episodes)")
             else:
@@ -1147,6 +1169,7 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
                       f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
                       f"chance {100 / cfg.meta.n_way:.0f}%)")
             print(f"report: {os.path.join(out, 'report.md')}")
+    stmeta.RunLog.prefix = ""
     if dist.is_main:
         print(f"run took {stmeta.format_duration(time.time() - t_run)}")
     stmeta.cleanup_distributed(dist)
