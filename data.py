@@ -1088,6 +1088,23 @@ def _all_grey(entries: list[dict], clips: np.ndarray) -> bool:
     return bool(ok)
 
 
+# A horizontal flip swaps left and right and turns clockwise into counter-clockwise: a class so
+# named ("pushing something from left to right", "turning clockwise") becomes another class.
+_DIRECTION = re.compile(r"(?<![a-z])(left|right|leftwards?|rightwards?|(counter|anti)?-?clockwise|cw|ccw)(?![a-z])",
+                        re.IGNORECASE)
+
+
+def direction_classes(names) -> list[str]:
+    """The class names that suggest a left/right or rotational direction (see _DIRECTION)."""
+    return sorted(c for c in names if _DIRECTION.search(c.replace("_", " ")))
+
+
+def flip_warning(directional: list[str], n_classes: int) -> str:
+    return (f"{len(directional)} of {n_classes} classes name a direction that a horizontal flip reverses "
+            f"(e.g. {directional[0]!r}); training flips clips at random by default: pass --data.hflip=false "
+            f"to train.py if flipping changes the class")
+
+
 def _data_warnings(entries: list[dict], frames: int, unmatched_split_lines: list[str]) -> list[str]:
     """What prepare kept but a person should know: classes too small for an episode, still images
     among videos, split-list lines that matched no class."""
@@ -1108,6 +1125,9 @@ def _data_warnings(entries: list[dict], frames: int, unmatched_split_lines: list
     if 0 < n_images < len(ok):
         out.append(f"{n_images} still images are one-frame clips (repeated to {frames} frames) among "
                    f"{len(ok) - n_images} videos")
+    directional = direction_classes(count)
+    if directional:
+        out.append(flip_warning(directional, len(count)))
     if unmatched_split_lines:
         n = len(unmatched_split_lines)
         these = "1 split-list line names" if n == 1 else f"{n} split-list lines name"
@@ -1222,6 +1242,17 @@ class ClipCache:
             in_split = np.array([s == class_split for s in self.class_split] + [False])  # [-1] -> False
             keep &= in_split[self.labels]
         return np.flatnonzero(keep)
+
+    def pretrain_pool(self, pool: str = "meta_train") -> np.ndarray:
+        """The clips self-supervised pretraining may use, labels unused: "meta_train" = clips of
+        the meta-train classes plus every unlabelled clip; "all" = every decoded clip
+        (transductive: the held-out classes' clips too)."""
+        if pool == "all":
+            return self.indices(labelled_only=False)
+        if pool != "meta_train":
+            raise DataError(f"pretraining pool must be 'meta_train' or 'all', got {pool!r}")
+        unlabelled = np.flatnonzero(self.valid & (self.labels < 0))
+        return np.sort(np.concatenate([self.indices(class_split="meta_train"), unlabelled]))
 
     def classes_in(self, class_split: str) -> list[int]:
         return [i for i, s in enumerate(self.class_split) if s == class_split]

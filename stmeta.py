@@ -144,6 +144,10 @@ class PretrainConfig:
     clip_grad: float = 0.0  # 0 = off
     eval_every: int = 0  # steps; 0 = once per epoch
     ckpt_every: int = 0  # steps; 0 = once per epoch
+    # The clips MAE pretraining may see (labels never used): "meta_train" = the meta-train
+    # classes' clips and every unlabelled clip; "all" = also the held-out classes' clips
+    # (transductive: their labels stay unused, but their images are seen before evaluation).
+    pool: str = "meta_train"
 
 
 @dataclass
@@ -238,6 +242,7 @@ CHOICES = {
     "model.encoder.pos_embed": ("separable", "joint", "sincos", "sincos3d"),
     "model.encoder.spt_shift": ("diagonal_half", "cardinal_half", "cardinal_1"),
     "model.mask_type": ("random", "tube"),
+    "pretrain.pool": ("meta_train", "all"),
     "mann.write": ("lrua", "ntm"),
     "mann.write_content": ("add", "key"),
     "mann.read_order": ("after_write", "before_write"),

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "downsampled pixels (Santoro's setting)")
     p.add_argument("--finetune", dest="end_to_end", action="store_true",
                    help="stage 3: fine-tune the backbone end to end instead of freezing it and caching embeddings")
+    p.add_argument("--pretrain-pool", default=None, choices=("meta_train", "all"),
+                   help="the clips MAE pretraining sees (labels unused): meta_train = the meta-train classes' "
+                        "clips and every unlabelled clip (default); all = the held-out classes' clips too "
+                        "(transductive). Same as --pretrain.pool=...")
     p.add_argument("--labeled-fraction", type=float, default=None,
                    help="keep this fraction of the labels per class (0 < F <= 1): the semi-supervised regime; "
                         "MAE pretraining still sees every clip")
@@ -132,6 +136,8 @@ def resolve_config(args, overrides, device) -> stmeta.Config:
         cfg.data.labeled_fraction = args.labeled_fraction
     if args.workers is not None:
         cfg.data.workers = args.workers
+    if args.pretrain_pool is not None:
+        cfg.pretrain.pool = args.pretrain_pool
     return cfg
 
 
@@ -363,7 +369,14 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
         return resume_ck
 
     # data: train clips of the training classes (labels unused), val clips of held-out classes
-    train_idx = cache.indices(clip_split=None, class_split=train_classes, labelled_only=False)
+    # (stage 2 with --classes all pretrains on every clip; otherwise --pretrain.pool decides)
+    train_idx = cache.pretrain_pool("all" if train_classes is None else pc.pool)
+    if dist.is_main:
+        n_unl = int((cache.labels[train_idx] < 0).sum())
+        print(f"MAE pretraining pool ({'all' if train_classes is None else pc.pool}): {len(train_idx)} clips, "
+              f"{n_unl} of them unlabelled" + (", held-out classes included (transductive)"
+                                               if (train_classes is None or pc.pool == "all") else
+                                               "; held-out classes' clips not used"))
     val_idx = cache.indices(class_split="meta_test", labelled_only=False)
     if len(val_idx) == 0:
         val_idx = cache.indices(clip_split="val", labelled_only=False)
@@ -1065,6 +1078,9 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
     if args.stage == 3:
         check_episodes(cfg, cache)
+    directional = data.direction_classes(cache.classes)
+    if directional and cfg.data.hflip and dist.is_main:
+        print(f"warning: {data.flip_warning(directional, len(cache.classes))}")
     RUN_INFO.update(data=os.path.abspath(args.data), init=os.path.abspath(source) if source else None)
     RUN_INFO["inputs"] = {"--data": os.path.abspath(args.data), "data fingerprint": stmeta.fingerprint(args.data, data.CACHE_FILES),
                           "--init/--pretrained": os.path.abspath(source) if source else None,

@@ -1255,3 +1255,16 @@ def test_synth_refuses_to_replace_a_cache_it_did_not_make(tmp_path):
     data.build_synthetic(ours, n_classes=4, clips_per_class=2, frames=4, size=8, verbose=False)
     data.build_synthetic(ours, n_classes=5, clips_per_class=2, frames=4, size=8, verbose=False)
     assert len(data.ClipCache(ours).classes) == 5
+
+
+def test_direction_named_classes_are_warned_about(tmp_path):
+    """A horizontal flip turns 'moving left' into 'moving right': prepare says so."""
+    rng = np.random.default_rng(0)
+    for name in ("moving_left", "moving_right", "waving"):
+        for k in range(2):
+            write_image(tmp_path / "src" / name / f"{k}.png", (rng.random((12, 12)) * 255).astype(np.uint8))
+    meta = data.prepare([f"folder:{tmp_path / 'src'}"], tmp_path / "cache", size=8, verbose=False)
+    said = [w for w in meta["warnings"] if "direction" in w]
+    assert said and "2 of 3 classes" in said[0] and "--data.hflip=false" in said[0], meta["warnings"]
+    assert data.direction_classes(["turning clockwise", "bright light", "spin ccw"]) == ["spin ccw",
+                                                                                         "turning clockwise"]

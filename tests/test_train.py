@@ -383,3 +383,13 @@ def test_command_line_errors_are_one_line_with_code_2(tmp_path, tiny_data):
         assert proc.returncode == 2, (cmd, proc.stdout[-500:], proc.stderr[-1500:])
         assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: "), \
             proc.stderr[-1500:]
+
+
+def test_pretraining_pool_keeps_unlabelled_clips_and_all_adds_held_out(tiny_data):
+    cache = data.ClipCache(tiny_data)
+    mt, allc = cache.pretrain_pool("meta_train"), cache.pretrain_pool("all")
+    assert set(mt) == set(cache.indices(class_split="meta_train"))  # this cache has no unlabelled clips
+    assert set(allc) == set(cache.indices(labelled_only=False)) and len(allc) > len(mt)
+    cache.labels = cache.labels.copy()
+    cache.labels[allc[0]] = -1  # an unlabelled clip: in the default pool
+    assert allc[0] in cache.pretrain_pool("meta_train")
