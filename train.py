@@ -13,10 +13,21 @@ Paper: Waseem & Muthukumar, "Semi-Supervised Meta Learning for Spatiotemporal Le
 sections 3-5. Recipes: MAE-ST (2205.09113) for pretraining, the paper's Tables 1 and 2 for
 fine-tuning, Santoro et al. (1605.06065) for the MANN.
 
-Each stage is one function written top to bottom (lr, eval/checkpoint, step, log); the
-few lines they share live in small helpers above them. A run folder holds config.json,
-log.jsonl, last.pt, best.pt and curves.png; stages 2 and 3 keep their MAE pretraining phase
-in <run>/pretrain/.
+Each phase is one function that reads top to bottom in the same fenced order: the phase's
+folder (resume or skip), data, schedule, model and optimizer, validation, the loop (lr;
+forward / backward per micro-batch; optimizer step; evaluate / checkpoint / log on the
+cadence), the end. The engineering they share is a few small named helpers above them:
+
+    start_run / finished / resume_from   a phase's folder: refuse, resume exactly, or skip
+    lr_at, set_lr                         warmup + half-cosine
+    sync_if, optimizer_step               accumulation under DDP; unscale, clip, step, zero
+    Cadence, Meter                        when to evaluate / checkpoint / log; the window's means
+    checkpoint, save, check_finite        what a checkpoint holds; a non-finite loss stops the run
+
+Reading order: main -> prepare_run (every check before any work) -> run (the phases of a
+stage) -> train_mae, train_classifier, train_mann. A run folder holds config.json, log.jsonl,
+last.pt, best.pt and curves.png; stages 2 and 3 keep their MAE pretraining phase in
+<run>/pretrain/ (and stage 3 its classification phase in <run>/classify/).
 """
 
 from __future__ import annotations
@@ -193,6 +204,76 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
+def sync_if(ddp_model, dist: stmeta.Dist, last_micro: bool):
+    """Gradient accumulation under DDP: all-reduce only on the step's last micro-batch."""
+    return ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
+
+
+def optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:
+    """Unscale (fp16), clip the global gradient norm if asked, step, clear the gradients.
+    With a disabled GradScaler (bf16, fp32) unscale_ and step are the plain calls."""
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class Cadence:
+    """When a step evaluates, checkpoints and logs: every eval/ckpt/log steps, and at the end
+    of the phase (step == total) or of a --stop-after window (step == stop_at)."""
+
+    def __init__(self, step: int, total: int, args, eval_every: int, ckpt_every: int):
+        self.total, self.eval_every, self.ckpt_every = total, eval_every, ckpt_every
+        self.log_every = args.log_every or max(1, total // 50)  # about 50 lines a phase
+        self.stop_at = step + args.stop_after if args.stop_after else total
+
+    def running(self, step: int) -> bool:
+        return step < self.total and step < self.stop_at
+
+    def __call__(self, step: int) -> tuple[bool, bool, bool]:
+        """-> (evaluate, checkpoint, log) after optimizer step `step`."""
+        ev = step % self.eval_every == 0 or step == self.total
+        ck = step % self.ckpt_every == 0 or step == self.total or step == self.stop_at
+        return ev, ck, ev or ck or step % self.log_every == 0
+
+
+class Meter:
+    """Sums over one logging window, kept on the device: nothing is read back to the host (a
+    sync) until `read`, once per log line. `add` takes one micro-batch's values."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.micro, self.items = time.time(), 0, 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, items: int, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.micro += 1
+        self.items += items
+
+    def read(self, step: int, total: int, accum: int, unit: str, **extra) -> dict:
+        """The window's means (per micro-batch), then `extra`, then speed and ETA; starts a new
+        window. `seconds` keeps the window's length."""
+        self.seconds = dt = time.time() - self.t0
+        steps = max(self.micro / accum, 1)
+        rec = {k: (v / max(self.micro, 1)).item() for k, v in self.sums.items()}
+        rec.update(extra)
+        rec.update({"ms/step": 1000 * dt / steps, f"{unit}/s": self.items / max(dt, 1e-9),
+                    "eta": stmeta.format_duration((total - step) * dt / steps)})
+        self.reset()
+        return rec
+
+
+def save(folder: str, name: str, ck: dict) -> None:
+    stmeta.save_checkpoint(os.path.join(folder, name), ck)
+
+
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -357,18 +438,36 @@ def describe(cfg, device, precision, model, dist, what: str) -> None:
 # Stage 1 (and the pretraining phase of stages 2 and 3): the video MAE
 
 
+@torch.no_grad()
+def validate_mae(m, val_ds, batch: int, cfg, device, precision: str) -> float:
+    """Mean reconstruction loss on the validation clips, with masks that are the same at every
+    call (a generator per batch, seeded apart from training's)."""
+    m.eval()
+    losses = []
+    batches = [list(range(j, min(j + batch, len(val_ds)))) for j in range(0, len(val_ds), batch)]
+    for i, (video, _) in enumerate(data.loader(val_ds, batches, cfg.data.workers, cfg.seed, device)):
+        video = video.to(device, non_blocking=True)
+        with stmeta.autocast(device, precision):
+            loss, _, _ = m(video, generator=stmeta.step_generator(cfg.seed + 1, i, device))
+        losses.append(loss.float().item())
+    m.train()
+    return float(np.mean(losses))
+
+
+
 def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
               init_state: dict | None = None, train_classes: str = "meta_train") -> dict:
     """Masked-autoencoder training on train clips; validation loss on held-out (meta-test)
     classes, as the paper's Table 3 evaluates on its test classes. Returns the final checkpoint."""
     pc = cfg.pretrain
     enc = cfg.model.encoder
+    # -- the phase's folder: resume its last.pt, or skip it if it finished
     log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
     resume_ck = start_run(folder, "mae", cfg, args.resume, dist)
     if finished(resume_ck, folder, "the MAE phase", dist):
         return resume_ck
 
-    # data: train clips of the training classes (labels unused), val clips of held-out classes
+    # -- data: the pretraining pool (labels unused), val clips of held-out classes
     # (stage 2 with --classes all pretrains on every clip; otherwise --pretrain.pool decides)
     train_idx = cache.pretrain_pool("all" if train_classes is None else pc.pool)
     if dist.is_main:
@@ -384,6 +483,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     train_ds = data.ClipDataset(cache, train_idx, train=True, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
                                 seed=cfg.seed, **ds_kw)
     val_ds = data.ClipDataset(cache, val_idx[: max(pc.batch_size, 256)], train=False, **ds_kw)
+    # -- schedule: optimizer steps, warmup, peak lr
     batch = pc.batch_size
     steps_per_epoch = len(train_idx) // (batch * dist.world_size)
     if steps_per_epoch == 0:
@@ -393,6 +493,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     warmup = pc.warmup_epochs * steps_per_epoch // pc.accum_steps
     lr = pc.lr or pc.blr * batch * pc.accum_steps * dist.world_size / 256  # mae_st's scaling rule
 
+    # -- model, optimizer, and what a resume restores
     model = models.VideoMAE(cfg.model)
     if init_state is not None:
         missing, unexpected = model.load_state_dict(init_state, strict=False)
@@ -410,89 +511,57 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     describe(cfg, device, precision, model, dist, f"MAE (mask ratio {cfg.model.mask_ratio})")
     ddp_model = wrap_model(model, cfg, device, dist)
 
-    @torch.no_grad()
+    # -- validation (and the starting model's loss, once)
     def validate(m) -> float:
-        m.eval()
-        losses = []
-        batches = [list(range(j, min(j + batch, len(val_ds)))) for j in range(0, len(val_ds), batch)]
-        for i, (video, _) in enumerate(data.loader(val_ds, batches, cfg.data.workers, cfg.seed, device)):
-            video = video.to(device, non_blocking=True)
-            with stmeta.autocast(device, precision):
-                loss, _, _ = m(video, generator=stmeta.step_generator(cfg.seed + 1, i, device))
-            losses.append(loss.float().item())
-        m.train()
-        return float(np.mean(losses))
+        return validate_mae(m, val_ds, batch, cfg, device, precision)
 
     if step == 0 and dist.is_main:
         start_loss = validate(model)
         metrics["start_val_loss"] = start_loss
         log({"step": 0, "total": total, "val_loss": start_loss, "note": "starting model"})
 
-    eval_every = pc.eval_every or steps_per_epoch
-    ckpt_every = pc.ckpt_every or steps_per_epoch
-    log_every = args.log_every or max(1, total // 50)
-    stop_at = step + args.stop_after if args.stop_after else total
-    t0, seen, loss_sum, loss_n = time.time(), 0, torch.zeros((), device=device), 0
+    # -- the loop: an epoch's seeded order, resumed mid-epoch; one optimizer step per
+    #    accum_steps micro-batches; eval / checkpoint / log on the cadence
+    when = Cadence(step, total, args, pc.eval_every or steps_per_epoch, pc.ckpt_every or steps_per_epoch)
+    meter = Meter(device)
     ddp_model.train()
-    while step < total and step < stop_at:
+    while when.running(step):
         micro = step * pc.accum_steps
         epoch, offset = divmod(micro, steps_per_epoch)
         train_ds.set_epoch(epoch)
         batches = data.epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist.rank, dist.world_size)[offset:]
         micro_in_step = 0
         for video, _ in data.loader(train_ds, batches, cfg.data.workers, cfg.seed, device):
-            # -- lr
+            # lr: warmup then cosine, per optimizer step
             lr_now = lr_at(step, total, warmup, lr)
             set_lr(optimizer, lr_now)
-            # -- step (with gradient accumulation; DDP syncs on the last micro-batch only)
+            # forward / backward of one micro-batch; the masks are a pure function of (seed, micro)
             video = video.to(device, non_blocking=True)
             last_micro = micro_in_step == pc.accum_steps - 1
-            sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
-            with sync, stmeta.autocast(device, precision):
+            with sync_if(ddp_model, dist, last_micro), stmeta.autocast(device, precision):
                 loss, _, _ = ddp_model(video, generator=stmeta.step_generator(cfg.seed, micro, device))
             scaler.scale(loss / pc.accum_steps).backward()
-            loss_sum += loss.detach().float()
-            loss_n += 1
-            seen += video.shape[0] * dist.world_size
-            micro += 1
-            micro_in_step += 1
+            meter.add(video.shape[0] * dist.world_size, loss=loss)
+            micro, micro_in_step = micro + 1, micro_in_step + 1
             if not last_micro:
                 continue
             micro_in_step = 0
-            if pc.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), pc.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, pc.clip_grad)
             step += 1
-            # -- eval / checkpoint
-            do_eval = step % eval_every == 0 or step == total
-            do_ckpt = step % ckpt_every == 0 or step == total or step == stop_at
-            do_log = step % log_every == 0 or do_eval or do_ckpt
-            # -- log (the only host sync: the loss is read here, and checked before any save)
-            if do_log:
-                train_loss = (loss_sum / max(loss_n, 1)).item()
-                check_finite(train_loss, step, folder, "pretrain", lr_now)
-                dt = time.time() - t0
-                rec = {"step": step, "total": total, "loss": train_loss, "lr": lr_now,
-                       "ms/step": 1000 * dt / max(loss_n / pc.accum_steps, 1), "clips/s": seen / max(dt, 1e-9),
-                       "eta": stmeta.format_duration((total - step) * dt / max(loss_n / pc.accum_steps, 1))}
+            do_eval, do_ckpt, do_log = when(step)
+            if do_log:  # the only host sync: the loss is read here, and checked before any save
+                rec = {"step": step, "total": total, **meter.read(step, total, pc.accum_steps, "clips", lr=lr_now)}
+                check_finite(rec["loss"], step, folder, "pretrain", lr_now)
+                metrics["train_loss"] = rec["loss"]
                 if do_eval and dist.is_main:
-                    rec["val_loss"] = validate(model)
-                    metrics["val_loss"] = rec["val_loss"]
+                    rec["val_loss"] = metrics["val_loss"] = validate(model)
                     if rec["val_loss"] < best:
-                        best = rec["val_loss"]
-                        metrics["best_val_loss"] = best
-                        stmeta.save_checkpoint(os.path.join(folder, "best.pt"),
-                                               checkpoint("mae", cfg, model, optimizer, step, total, metrics))
+                        best = metrics["best_val_loss"] = rec["val_loss"]
+                        save(folder, "best.pt", checkpoint("mae", cfg, model, optimizer, step, total, metrics))
                 log(rec)
-                t0, seen, loss_sum, loss_n = time.time(), 0, torch.zeros((), device=device), 0
-                metrics["train_loss"] = train_loss
             if do_ckpt and dist.is_main:
-                stmeta.save_checkpoint(os.path.join(folder, "last.pt"),
-                                       checkpoint("mae", cfg, model, optimizer, step, total, metrics))
-            if step >= total or step >= stop_at:
+                save(folder, "last.pt", checkpoint("mae", cfg, model, optimizer, step, total, metrics))
+            if not when.running(step):
                 break
     end_phase(ddp_model, dist, step, total, folder, "MAE reconstruction")
     return checkpoint("mae", cfg, model, optimizer, step, total, metrics)
@@ -502,15 +571,43 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
 # Stage 2, second phase: encoder + classification head (Table 2, or Table 1)
 
 
+@torch.no_grad()
+def validate_classifier(m, val_ds, batch: int, n_cls: int, cfg, device, precision: str
+                        ) -> tuple[float, float, float]:
+    """(loss, top-1, top-5) on the validation clips; with several temporal views per clip the
+    views' probabilities are averaged."""
+    m.eval()
+    n = correct1 = correct5 = 0
+    losses = []
+    batches = [list(range(j, min(j + batch, len(val_ds)))) for j in range(0, len(val_ds), batch)]
+    for video, label in data.loader(val_ds, batches, cfg.data.workers, cfg.seed, device):
+        video, label = video.to(device), label.to(device)
+        with stmeta.autocast(device, precision):
+            if video.dim() == 6:  # (B, V, C, T, H, W): average the views' probabilities
+                B, V = video.shape[:2]
+                logits = m(video.flatten(0, 1)).float().view(B, V, -1).softmax(-1).mean(1).log()
+            else:
+                logits = m(video).float()
+        losses.append(F.cross_entropy(logits, label, reduction="sum").item())
+        top5 = logits.topk(min(5, n_cls), dim=-1).indices
+        correct1 += (top5[:, 0] == label).sum().item()
+        correct5 += (top5 == label[:, None]).any(-1).sum().item()
+        n += len(label)
+    m.train()
+    return sum(losses) / max(n, 1), correct1 / max(n, 1), correct5 / max(n, 1)
+
+
 def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
                      encoder_state: dict | None, classes: str) -> dict:
     ft = cfg.finetune
     enc = dataclasses.replace(cfg.model.encoder, drop_path=ft.drop_path)
+    # -- the phase's folder: resume its last.pt, or skip it if it finished
     log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
     resume_ck = start_run(folder, "classifier", cfg, args.resume, dist)
     if finished(resume_ck, folder, "the classifier phase", dist):
         return resume_ck
 
+    # -- data: labelled train clips of the classes (a --labeled-fraction of them), their val clips
     class_split = None if classes == "all" else "meta_train"
     class_ids = list(range(len(cache.classes))) if classes == "all" else cache.classes_in("meta_train")
     label_map = {c: i for i, c in enumerate(class_ids)}
@@ -525,6 +622,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
     val_ds = data.ClipDataset(cache, val_idx, train=False, num_views=cfg.data.num_views, **ds_kw)
     n_cls = len(class_ids)
     names = {"classes": [cache.classes[c] for c in class_ids]}  # stored with every checkpoint
+    # -- schedule: optimizer steps, warmup, peak lr (Table 2's absolute lr, or Table 1's base lr)
     batch = ft.batch_size
     steps_per_epoch = len(train_idx) // (batch * dist.world_size)
     if steps_per_epoch == 0:
@@ -537,6 +635,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
         print(f"classifier: {n_cls} classes ({classes}), {len(train_idx)} labelled train clips "
               f"(labeled fraction {cfg.data.labeled_fraction}), {len(val_idx)} val clips; lr {lr:.3g}")
 
+    # -- model (the pretrained encoder, a new head), optimizer, and what a resume restores
     model = models.Classifier(enc, n_cls, dropout=ft.head_dropout)
     if encoder_state is not None:
         missing, unexpected = model.encoder.load_state_dict(encoder_state, strict=False)
@@ -552,98 +651,57 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
     describe(cfg, device, precision, model, dist, f"classifier ({n_cls} classes)")
     ddp_model = wrap_model(model, cfg, device, dist)
 
-    @torch.no_grad()
+    # -- validation
     def validate(m) -> tuple[float, float, float]:
-        m.eval()
-        n = correct1 = correct5 = 0
-        losses = []
-        batches = [list(range(j, min(j + batch * 4, len(val_ds)))) for j in range(0, len(val_ds), batch * 4)]
-        for video, label in data.loader(val_ds, batches, cfg.data.workers, cfg.seed, device):
-            video, label = video.to(device), label.to(device)
-            with stmeta.autocast(device, precision):
-                if video.dim() == 6:  # (B, V, C, T, H, W): average the views' probabilities
-                    B, V = video.shape[:2]
-                    logits = m(video.flatten(0, 1)).float().view(B, V, -1).softmax(-1).mean(1).log()
-                else:
-                    logits = m(video).float()
-            losses.append(F.cross_entropy(logits, label, reduction="sum").item())
-            top5 = logits.topk(min(5, n_cls), dim=-1).indices
-            correct1 += (top5[:, 0] == label).sum().item()
-            correct5 += (top5 == label[:, None]).any(-1).sum().item()
-            n += len(label)
-        m.train()
-        return sum(losses) / max(n, 1), correct1 / max(n, 1), correct5 / max(n, 1)
+        return validate_classifier(m, val_ds, batch * 4, n_cls, cfg, device, precision)
 
-    eval_every = ft.eval_every or steps_per_epoch
-    ckpt_every = ft.ckpt_every or steps_per_epoch
-    log_every = args.log_every or max(1, total // 50)
-    stop_at = step + args.stop_after if args.stop_after else total
-    t0, seen, loss_sum, loss_n, correct = time.time(), 0, torch.zeros((), device=device), 0, torch.zeros((), device=device)
+    # -- the loop: as the MAE's, with mixup / cutmix to soft targets and label smoothing
+    when = Cadence(step, total, args, ft.eval_every or steps_per_epoch, ft.ckpt_every or steps_per_epoch)
+    meter = Meter(device)
     ddp_model.train()
-    while step < total and step < stop_at:
+    while when.running(step):
         micro = step * ft.accum_steps
         epoch, offset = divmod(micro, steps_per_epoch)
         train_ds.set_epoch(epoch)
         batches = data.epoch_batches(len(train_ds), batch, cfg.seed, epoch, dist.rank, dist.world_size)[offset:]
         micro_in_step = 0
         for video, label in data.loader(train_ds, batches, cfg.data.workers, cfg.seed, device):
-            # -- lr
             lr_now = lr_at(step, total, warmup, lr)
             set_lr(optimizer, lr_now)
-            # -- step: mixup/cutmix to soft targets with label smoothing (Tables 1-2)
             video, label = video.to(device, non_blocking=True), label.to(device, non_blocking=True)
             # mixup draws only scalars (whether, which, lambda, the box): from a CPU generator, because
             # torch.rand((), generator=<CUDA generator>) fails and each .item() of a GPU draw would sync
             video, target = data.mixup_cutmix(video, label, n_cls, ft.mixup, ft.cutmix, ft.mixup_prob,
                                               ft.label_smoothing, stmeta.step_generator(cfg.seed, micro, torch.device("cpu")))
             last_micro = micro_in_step == ft.accum_steps - 1
-            sync = ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
-            with sync, stmeta.autocast(device, precision):
+            with sync_if(ddp_model, dist, last_micro), stmeta.autocast(device, precision):
                 logits = ddp_model(video)
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             scaler.scale(loss / ft.accum_steps).backward()
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(-1) == label).sum()
-            loss_n += 1
-            seen += video.shape[0] * dist.world_size
-            micro += 1
-            micro_in_step += 1
+            # accuracy against the clip's own label (before mixing): a rough training signal
+            meter.add(video.shape[0] * dist.world_size, loss=loss,
+                      train_acc=(logits.detach().argmax(-1) == label).float().mean())
+            micro, micro_in_step = micro + 1, micro_in_step + 1
             if not last_micro:
                 continue
             micro_in_step = 0
-            if ft.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), ft.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, ft.clip_grad)
             step += 1
-            # -- eval / checkpoint / log
-            do_eval = step % eval_every == 0 or step == total
-            do_ckpt = step % ckpt_every == 0 or step == total or step == stop_at
-            if step % log_every == 0 or do_eval or do_ckpt:
-                train_loss = (loss_sum / max(loss_n, 1)).item()
-                check_finite(train_loss, step, folder, "finetune", lr_now)
-                dt = time.time() - t0
-                rec = {"step": step, "total": total, "loss": train_loss,
-                       "train_acc": correct.item() / max(loss_n * batch, 1), "lr": lr_now,
-                       "ms/step": 1000 * dt / max(loss_n / ft.accum_steps, 1), "clips/s": seen / max(dt, 1e-9),
-                       "eta": stmeta.format_duration((total - step) * dt / max(loss_n / ft.accum_steps, 1))}
+            do_eval, do_ckpt, do_log = when(step)
+            if do_log:
+                rec = {"step": step, "total": total, **meter.read(step, total, ft.accum_steps, "clips", lr=lr_now)}
+                check_finite(rec["loss"], step, folder, "finetune", lr_now)
                 if do_eval and dist.is_main:
                     rec["val_loss"], rec["val_acc"], rec["val_top5"] = validate(model)
                     metrics.update(val_loss=rec["val_loss"], val_acc=rec["val_acc"], val_top5=rec["val_top5"])
                     if rec["val_acc"] > best:
-                        best = rec["val_acc"]
-                        metrics["best_val_acc"] = best
-                        stmeta.save_checkpoint(os.path.join(folder, "best.pt"), checkpoint(
-                            "classifier", cfg, model, optimizer, step, total, metrics, names))
+                        best = metrics["best_val_acc"] = rec["val_acc"]
+                        save(folder, "best.pt", checkpoint("classifier", cfg, model, optimizer, step, total, metrics,
+                                                           names))
                 log(rec)
-                t0, seen, loss_n = time.time(), 0, 0
-                loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
             if do_ckpt and dist.is_main:
-                stmeta.save_checkpoint(os.path.join(folder, "last.pt"), checkpoint(
-                    "classifier", cfg, model, optimizer, step, total, metrics, names))
-            if step >= total or step >= stop_at:
+                save(folder, "last.pt", checkpoint("classifier", cfg, model, optimizer, step, total, metrics, names))
+            if not when.running(step):
                 break
     end_phase(ddp_model, dist, step, total, folder, "classification")
     return checkpoint("classifier", cfg, model, optimizer, step, total, metrics, names)
@@ -757,17 +815,19 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                encoder_state: dict | None) -> dict:
     mc = cfg.meta
     enc = cfg.model.encoder
+    # -- the phase's folder: resume its last.pt, or skip it if it finished
     log = stmeta.RunLog(os.path.join(folder, "log.jsonl"), enabled=dist.is_main)
     resume_ck = start_run(folder, "mann", cfg, args.resume, dist)
     if finished(resume_ck, folder, "the MANN phase", dist):
         return resume_ck
 
-    # episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
-    # meta-test classes for validation (never augmented)
+    # -- episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
+    #    meta-test classes for validation (never augmented)
     train_eps, val_eps = episode_samplers(cfg, cache)
     val_pool = cache.indices(class_split="meta_test")
     augment = mc.rotate_classes or mc.max_shift > 0
 
+    # -- model (backbone, input norm, MANN as one state dict), optimizer, what a resume restores
     backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size, channels=mc.pixels_channels or None)
     if encoder_state is not None and mc.backbone == "mae":
         backbone.vit.load_state_dict(encoder_state)
@@ -788,20 +848,24 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         best = metrics.get("best_val_acc", best)
     total = mc.steps
 
-    # What feeds the MANN, cheapest first:
+    # -- inputs. What feeds the MANN, cheapest first:
     #   emb     (N, D) every clip through a frozen backbone once; episodes index the table
     #   inputs  (N, C, T, H, W) every clip at the input, once: pixels whose episodes are augmented
     #           (rotated classes, translations), which must go through the backbone at every step
     #   clips_iter  end to end: DataLoader workers prepare each step's clips ahead of time
     emb = inputs = clips_iter = None
     if frozen and not augment:
+        # kept across a resume, and reused only by a run with the same config and inputs
         emb_path = os.path.join(folder, "embeddings.pt")
-        if os.path.exists(emb_path):
-            emb = stmeta.load_checkpoint(emb_path)["embeddings"].to(device)
+        made_by = {"config": stmeta.config_to_dict(cfg), "inputs": RUN_INFO.get("inputs")}
+        saved = stmeta.load_checkpoint(emb_path) if os.path.exists(emb_path) else {}
+        if saved.get("made_by") == made_by:
+            emb = saved["embeddings"].to(device)
         else:
             emb = embed_all(backbone, cache, cfg, device, precision)
             if dist.is_main:
-                stmeta.save_checkpoint(emb_path, {"embeddings": emb.cpu(), "backbone": mc.backbone})
+                stmeta.save_checkpoint(emb_path, {"embeddings": emb.cpu(), "backbone": mc.backbone,
+                                                  "made_by": made_by})
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
     elif frozen:
@@ -826,6 +890,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                                                   f"({episode})")
     ddp_model = wrap_model(model, cfg, device, dist)
 
+    # -- what one step reads
     def episode_input(ep) -> torch.Tensor:
         """(B, S, D): what the MANN reads at each step of a batch of (augmented) episodes."""
         if emb is not None:
@@ -835,6 +900,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             video = data.augment_clips(video, ep.rotation.flatten(), ep.down.flatten(), ep.right.flatten())
         return model.backbone(video).view(*ep.clips.shape, -1)
 
+    # -- validation
     @torch.no_grad()
     def validate() -> tuple[float, list[float] | None]:
         """Accuracy on fixed episodes of the held-out classes (the same ones at every call), and
@@ -864,63 +930,45 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         by_instance = (per[0] / per[1].clamp_min(1)).tolist() if mc.layout == "sequence" else None
         return correct / max(n, 1), by_instance
 
-    log_every = args.log_every or max(1, total // 50)
-    stop_at = step + args.stop_after if args.stop_after else total
-    t0, n_eps, loss_n = time.time(), 0, 0
-    loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    # -- the loop: each step a batch of episodes that is a pure function of (seed, step, rank)
+    when = Cadence(step, total, args, mc.eval_every, mc.ckpt_every)
+    meter = Meter(device)
+    no_scaling = torch.amp.GradScaler(enabled=False)  # the MANN's loss is taken in fp32
     model.train()
     if frozen:
         backbone.eval()  # no dropout / drop path in a frozen backbone
-    while step < total and step < stop_at:
-        # -- lr
+    while when.running(step):
         lr_now = lr_at(step, total, mc.warmup_steps, mc.lr)
         set_lr(optimizer, lr_now)
-        # -- step: a batch of episodes, a pure function of (seed, step, rank)
         for micro in range(mc.accum_steps):
             ep = episodes_at(train_eps, step, micro, mc, cfg.seed, dist).to(device)
-            sync = ddp_model.no_sync() if (dist.enabled and micro < mc.accum_steps - 1) else stmeta.nullcontext()
             if cfg.compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the captured steps may be replayed
-            with sync, stmeta.autocast(device, precision):
+            with sync_if(ddp_model, dist, micro == mc.accum_steps - 1), stmeta.autocast(device, precision):
                 loss, ok = models.episode_loss(ddp_model, episode_input(ep), ep)
             (loss / mc.accum_steps).backward()
-            loss_sum += loss.detach()
-            acc_sum += (ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1)
-            loss_n += 1
-            n_eps += mc.batch_size * dist.world_size
-        if mc.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), mc.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            meter.add(mc.batch_size * dist.world_size, loss=loss,
+                      train_acc=(ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1))
+        optimizer_step(model, optimizer, no_scaling, mc.clip_grad)
         step += 1
-        # -- eval / checkpoint / log
-        do_eval = step % mc.eval_every == 0 or step == total
-        do_ckpt = step % mc.ckpt_every == 0 or step == total or step == stop_at
-        if step % log_every == 0 or do_eval or do_ckpt:
-            train_loss = (loss_sum / max(loss_n, 1)).item()
-            check_finite(train_loss, step, folder, "meta", lr_now)
-            dt = time.time() - t0
-            metrics["train_seconds"] = metrics.get("train_seconds", 0.0) + dt  # kept across a resume
-            rec = {"step": step, "total": total, "loss": train_loss, "train_acc": (acc_sum / max(loss_n, 1)).item(),
-                   "lr": lr_now, "episodes": step * mc.batch_size * mc.accum_steps * dist.world_size,
-                   "ms/step": 1000 * dt / max(loss_n / mc.accum_steps, 1), "episodes/s": n_eps / max(dt, 1e-9),
-                   "eta": stmeta.format_duration((total - step) * dt / max(loss_n / mc.accum_steps, 1))}
+        do_eval, do_ckpt, do_log = when(step)
+        if do_log:
+            rec = {"step": step, "total": total, **meter.read(
+                step, total, mc.accum_steps, "episodes", lr=lr_now,
+                episodes=step * mc.batch_size * mc.accum_steps * dist.world_size)}
+            check_finite(rec["loss"], step, folder, "meta", lr_now)
+            metrics["train_seconds"] = metrics.get("train_seconds", 0.0) + meter.seconds  # kept across a resume
             if do_eval and dist.is_main:
                 rec["val_acc"], by_instance = validate()
                 if by_instance is not None:
                     rec["val_per_instance"] = by_instance
                 metrics["val_acc"] = rec["val_acc"]
                 if rec["val_acc"] > best:
-                    best = rec["val_acc"]
-                    metrics["best_val_acc"] = best
-                    stmeta.save_checkpoint(os.path.join(folder, "best.pt"),
-                                           checkpoint("mann", cfg, model, optimizer, step, total, metrics))
+                    best = metrics["best_val_acc"] = rec["val_acc"]
+                    save(folder, "best.pt", checkpoint("mann", cfg, model, optimizer, step, total, metrics))
             log(rec)
-            t0, n_eps, loss_n = time.time(), 0, 0
-            loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         if do_ckpt and dist.is_main:
-            stmeta.save_checkpoint(os.path.join(folder, "last.pt"),
-                                   checkpoint("mann", cfg, model, optimizer, step, total, metrics))
+            save(folder, "last.pt", checkpoint("mann", cfg, model, optimizer, step, total, metrics))
     end_phase(ddp_model, dist, step, total, folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
     if dist.is_main and mc.layout == "sequence":
         draw_learning_curve(folder, cfg, val_eps)
