@@ -18,6 +18,12 @@ few-shot baselines (class means, logistic regression) on each episode's support 
 
 Paper: Waseem & Muthukumar, "Semi-Supervised Meta Learning for Spatiotemporal Learning",
 sections 1 and 5; per-instance accuracy as in Santoro et al. 2016 (1605.06065).
+
+Where things are: `fewshot` (the held-out evaluation train.py ends with) -> `evaluate_methods`
+(N-way K-shot: the MANN beside `ncm_predict` and `logreg_fit` on the same embeddings) and
+`evaluate_sequence` (Santoro's layout, by presentation, beside `label_count_correct`, the
+predictor that never looks at the input); `ablation` puts arms side by side with their budgets.
+The speed benchmark at the end is fenced off as not the core.
 """
 
 from __future__ import annotations
@@ -808,6 +814,12 @@ def cmd_export(args) -> dict:
     return meta
 
 
+# =============================================================================
+# NOT THE CORE. Everything from here to the command line is the speed benchmark (`eval.py
+# speed`): timing, FLOP counts, and reference networks built as other codebases build them
+# (timm-style blocks, SPT + LSA as their published code writes them) to compare against. It
+# measures the model; it defines nothing the papers describe, and a reader can skip it.
+# =============================================================================
 # -----------------------------------------------------------------------------
 # speed: benchmark of every hot path
 #
