@@ -1043,6 +1043,8 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt_tick(v: float) -> str:
+    if v != 0 and abs(v) >= 1e4 and abs(v) < 1e7 and float(v).is_integer():
+        return f"{v:,.0f}"  # 50,000 episodes, not 5.0e+04
     if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
         return f"{v:.1e}"
     return f"{v:g}"
@@ -1109,7 +1111,9 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
             d.ellipse([p[0] - 2.5, p[1] - 2.5, p[0] + 2.5, p[1] + 2.5], fill=color)
     # legend: one row above the plot, so it never covers a line
     widths = [28 + small.getlength(name) + 16 for name in series]
-    lx, ly = (left + W - right - sum(widths)) / 2, top - 11
+    if sum(widths) > W - 8:  # too many names for the row: closer together, from the left edge
+        widths = [25 + small.getlength(name) + 6 for name in series]
+    lx, ly = max(4, (left + W - right - sum(widths)) / 2), top - 11
     for i, (name, w) in enumerate(zip(series, widths)):
         d.line([(lx, ly), (lx + 20, ly)], fill=PALETTE[i % len(PALETTE)], width=3)
         d.text((lx + 25, ly), name, fill="black", font=small, anchor="lm")
