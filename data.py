@@ -2114,7 +2114,7 @@ class EpisodeSampler:
 
     def _need(self) -> str:
         if self.layout == "support_query":
-            return f"a {self.n_way}-way {self.k_shot}-shot episode with {self.n_query} queries per class"
+            return f"a {self.n_way}-way {self.k_shot}-shot episode with {self.n_query} {'query' if self.n_query == 1 else 'queries'} per class"
         return f"a {self.n_way}-way sequence episode with {self.seq_shots} shots per class"
 
     @property
