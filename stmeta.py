@@ -1043,7 +1043,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt_tick(v: float) -> str:
-    if v != 0 and abs(v) >= 1e4 and abs(v) < 1e7 and float(v).is_integer():
+    if v != 0 and abs(v) >= 1e3 and abs(v) < 1e7 and float(v).is_integer():
         return f"{v:,.0f}"  # 50,000 episodes, not 5.0e+04
     if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
         return f"{v:.1e}"

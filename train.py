@@ -380,7 +380,8 @@ def resume_from(ck: dict, model, optimizer) -> tuple[int, dict]:
     return ck["step"], ck["metrics"]
 
 
-def end_phase(ddp_model, dist: stmeta.Dist, step: int, total: int, folder: str, title: str) -> None:
+def end_phase(ddp_model, dist: stmeta.Dist, step: int, total: int, folder: str, title: str,
+              loss_refs: dict | None = None, acc_refs: dict | None = None) -> None:
     """After a phase's loop: ranks agree, a --stop-after exit says how to go on, curves drawn."""
     sync_check(ddp_model, dist)
     if step < total:
@@ -388,7 +389,7 @@ def end_phase(ddp_model, dist: stmeta.Dist, step: int, total: int, folder: str, 
             print(f"stopped after step {step}/{total} (--stop-after); continue with --resume")
         raise SystemExit(0)
     if dist.is_main:
-        draw_curves(folder, title)
+        draw_curves(folder, title, loss_refs, acc_refs)
 
 
 def sync_check(model, dist: stmeta.Dist) -> None:
@@ -406,8 +407,10 @@ def sync_check(model, dist: stmeta.Dist) -> None:
         raise SystemExit("data-parallel ranks diverged: parameters differ across ranks")
 
 
-def draw_curves(folder: str, title: str) -> str:
-    """Loss (and accuracy, if logged) against step, from log.jsonl, like the paper's Figs 4-7."""
+def draw_curves(folder: str, title: str, loss_refs: dict | None = None, acc_refs: dict | None = None) -> str:
+    """Loss (and accuracy, if logged) against step, from log.jsonl, like the paper's Figs 4-7.
+    The reference lines (chance, ln(n_way), what predicting each patch's mean costs) are drawn
+    with the y-axis from 0, so a curve that sits at chance cannot pass for learning."""
     rows = stmeta.read_log(os.path.join(folder, "log.jsonl"))
     series = {}
     for key, name in (("loss", "train loss"), ("val_loss", "val loss")):
@@ -416,13 +419,14 @@ def draw_curves(folder: str, title: str) -> str:
             series[name] = ([p[0] for p in pts], [p[1] for p in pts])
     path = os.path.join(folder, "curves.png")
     if series:
-        stmeta.line_chart(path, series, title=f"{title}: loss", xlabel="step", ylabel="loss")
+        stmeta.line_chart(path, series, title=f"{title}: loss", xlabel="step", ylabel="loss", refs=loss_refs,
+                          y_from=0.0 if loss_refs else None)
     accs = {name: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
             for key, name in (("train_acc", "train accuracy"), ("val_acc", "val accuracy"), ("val_top5", "val top-5"))}
     accs = {k: v for k, v in accs.items() if v[0]}
     if accs:
         stmeta.line_chart(os.path.join(folder, "accuracy.png"), accs, title=f"{title}: accuracy",
-                          xlabel="step", ylabel="accuracy")
+                          xlabel="step", ylabel="accuracy", refs=acc_refs, y_from=0.0)
     return path
 
 
@@ -563,7 +567,8 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
                 save(folder, "last.pt", checkpoint("mae", cfg, model, optimizer, step, total, metrics))
             if not when.running(step):
                 break
-    end_phase(ddp_model, dist, step, total, folder, "MAE reconstruction")
+    end_phase(ddp_model, dist, step, total, folder, "MAE reconstruction",
+              loss_refs={"each patch's mean (1.0)": 1.0} if cfg.model.norm_pix_loss else None)
     return checkpoint("mae", cfg, model, optimizer, step, total, metrics)
 
 
@@ -703,7 +708,8 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
                 save(folder, "last.pt", checkpoint("classifier", cfg, model, optimizer, step, total, metrics, names))
             if not when.running(step):
                 break
-    end_phase(ddp_model, dist, step, total, folder, "classification")
+    end_phase(ddp_model, dist, step, total, folder, "classification",
+              loss_refs={f"ln {n_cls} (chance)": math.log(n_cls)}, acc_refs={"chance": 1 / n_cls})
     return checkpoint("classifier", cfg, model, optimizer, step, total, metrics, names)
 
 
@@ -969,7 +975,10 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             log(rec)
         if do_ckpt and dist.is_main:
             save(folder, "last.pt", checkpoint("mann", cfg, model, optimizer, step, total, metrics))
-    end_phase(ddp_model, dist, step, total, folder, f"MANN {mc.n_way}-way {mc.k_shot}-shot")
+    end_phase(ddp_model, dist, step, total, folder,
+              f"{'LSTM' if cfg.mann.read_heads == 0 else 'MANN'} {mc.n_way}-way "
+              + (f"{mc.k_shot}-shot" if mc.layout == "support_query" else f"sequences of {mc.seq_shots} a class"),
+              loss_refs={f"ln {mc.n_way} (chance)": math.log(mc.n_way)}, acc_refs={"chance": 1 / mc.n_way})
     if dist.is_main and mc.layout == "sequence":
         draw_learning_curve(folder, cfg, val_eps)
     return checkpoint("mann", cfg, model, optimizer, step, total, metrics)
