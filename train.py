@@ -1241,7 +1241,6 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
                 print(f"stage 3 done: {cfg.meta.n_way}-way 1-shot accuracy on held-out classes: "
                       f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
                       f"chance {100 / cfg.meta.n_way:.0f}%)")
-            print(f"report: {os.path.join(out, 'report.md')}")
     stmeta.RunLog.prefix = ""
     if dist.is_main:
         print(f"run took {stmeta.format_duration(time.time() - t_run)}")
