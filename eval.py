@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -665,8 +664,7 @@ def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: 
         if os.path.exists(os.path.join(folder, png)):
             body.append(f"\n![{what_png}]({png})")
     path = update_report(folder, "fewshot", "\n".join(body), run_header(ck, cfg, cache, dev))
-    with open(os.path.join(folder, "fewshot.json"), "w") as f:
-        json.dump(res, f, indent=2, default=str)
+    stmeta.write_json(os.path.join(folder, "fewshot.json"), res, indent=2, default=str)
     print("\n".join(body[1:]))
     print(f"report: {path}")
     return res
@@ -799,13 +797,14 @@ def cmd_export(args) -> dict:
     holder = type("Holder", (), {"backbone": backbone})()
     emb = run_embeddings(holder, cache, cfg, device, np.arange(len(cache.labels)))
     out = args.out or os.path.join(folder, "latents.npy")
-    np.save(out, emb.numpy().astype(np.float32))
+    with open(out + ".tmp", "wb") as f:  # renamed into place: a kill never leaves half a file
+        np.save(f, emb.numpy().astype(np.float32))
+    os.replace(out + ".tmp", out)
     meta = {"embeddings": os.path.basename(out), "shape": list(emb.shape), "classes": cache.classes,
             "labels": cache.labels.tolist(), "all_labels": cache.all_labels,
             "class_split": [cache.class_split[c] if c >= 0 else None for c in cache.labels.tolist()],
             "clip_split": [str(s) for s in cache.clip_split], "checkpoint": find_checkpoint(args.run)}
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(meta, f)
+    stmeta.write_json(os.path.splitext(out)[0] + ".json", meta)
     body = (f"## Latent export (eval.py export)\n\n`{os.path.basename(out)}`: {emb.shape[0]} clips x {emb.shape[1]} "
             f"features (mean-pooled encoder tokens, centred window), labels and splits in "
             f"`{os.path.basename(os.path.splitext(out)[0])}.json`.")
@@ -1582,8 +1581,7 @@ def cmd_speed(args) -> dict:
     print("\n" + text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2, default=float)
+        stmeta.write_json(args.json, res, indent=2, default=float)
         print(f"wrote {args.json}")
     if args.md:
         os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)

@@ -886,6 +886,15 @@ def save_checkpoint(path: str, obj: dict) -> None:
         raise
 
 
+def write_json(path: str, obj, **kw) -> None:
+    """JSON written to a temporary file and renamed over `path`: a kill mid-write leaves the
+    previous file (or none), never half of one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """torch.load(weights_only=True): tensors and plain containers only, never code.
     Every failure becomes one CheckpointError that names the file."""

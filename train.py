@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import sys
 import textwrap
 import time
 
@@ -328,8 +326,7 @@ def start_run(folder: str, kind: str, cfg, resume: bool, dist: stmeta.Dist) -> d
         stmeta.remove_temporaries(folder)
         if os.path.exists(os.path.join(folder, "log.jsonl")):  # a killed start's lines: this start logs anew
             stmeta.truncate_log(os.path.join(folder, "log.jsonl"), -1)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(stmeta.config_to_dict(cfg), f, indent=2)
+        stmeta.write_json(os.path.join(folder, "config.json"), stmeta.config_to_dict(cfg), indent=2)
     return None
 
 
