@@ -7,6 +7,8 @@
     python eval.py ablation --both runs/stage3 --meta-only runs/stage3-scratch
                                                   meta-learning only vs representation only vs both
     python eval.py export   --run runs/stage3     latent embedding of every clip to .npy with its labels
+    python eval.py probe    --run runs/stage3/pretrain   frozen features on held-out classes (class means,
+                                                  logistic regression) beside pixel and motion floors
     python eval.py speed --preset paper           benchmark of every hot path: training steps (clips/s, FLOP/s against
                                                   the matmul peak, vs timm-style blocks), attention kernels, data
                                                   loading, peak memory; --compile, --json FILE, --md FILE
@@ -776,6 +778,77 @@ def cmd_ablation(args) -> dict:
     print("\n".join(body[2:4 + len(arms)]))
     print(f"report: {path}")
     return {name: r for name, _, _, r in arms}
+
+
+# -----------------------------------------------------------------------------
+# probe: does a representation carry the class? Frozen features on held-out classes, beside
+# the floors any representation must beat: one frame's pixels and simple pixel motion statistics
+
+
+@torch.no_grad()
+def pixel_features(cache, cfg: stmeta.Config, indices: np.ndarray, kind: str, size: int = 8) -> torch.Tensor:
+    """(N, D) floors from the clips' pixels (centred window, the model's input), rows of clips
+    not in `indices` zero. kind "frame": the middle frame pooled to size x size (appearance);
+    "motion": the mean frame and the mean absolute frame difference, each size x size (what a
+    clip looks like and where it moves)."""
+    enc = cfg.model.encoder
+    ds = data.ClipDataset(cache, indices, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
+                          size=enc.img_size, train=False)
+    rows = []
+    for video, _ in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=cfg.data.workers):
+        v = video.float()  # (B, C, T, H, W)
+        pool = lambda x: F.adaptive_avg_pool2d(x, size).flatten(1)  # noqa: E731 - (B, C, H, W) -> (B, C*s*s)
+        if kind == "frame":
+            rows.append(pool(v[:, :, v.shape[2] // 2]))
+        else:
+            diff = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(2) if v.shape[2] > 1 else torch.zeros_like(v[:, :, 0])
+            rows.append(torch.cat([pool(v.mean(2)), pool(diff)], dim=1))
+    out = torch.zeros(len(cache.labels), rows[0].shape[1])
+    out[torch.as_tensor(indices)] = torch.cat(rows)
+    return out
+
+
+def cmd_probe(args) -> dict:
+    """Nearest class mean and logistic regression on a run's frozen encoder features (mean of
+    its tokens, the encoder's final norm: what stage 3 feeds the MANN), and on the two pixel
+    floors, on the same fixed held-out episodes. A representation that does not beat the floors
+    does not carry the class."""
+    ck, cfg, folder = load_run(args.run, ("mae", "classifier", "mann"))
+    device = stmeta.pick_device(args.device, verbose=False)
+    cache = open_cache(ck, args.data)
+    model = build_model(ck, cfg).to(device)
+    if ck["kind"] == "mann":
+        backbone = model.backbone
+    else:
+        backbone = models.build_backbone("mae", cfg.model.encoder)
+        backbone.vit.load_state_dict(model.encoder.state_dict())
+        backbone = backbone.to(device).eval()
+    holder = type("Holder", (), {"backbone": backbone})()
+    pool = cache.indices(class_split="meta_test")
+    episodes = args.episodes if args.episodes is not None else cfg.meta.test_episodes
+    source = describe_arm(ck, cfg)["encoder"] if ck["kind"] == "mann" else {
+        "mae": "MAE encoder, no labels", "classifier": "encoder tuned on meta-train labels"}[ck["kind"]]
+    features = {f"{source} ({backbone.out_dim} features)": run_embeddings(holder, cache, cfg, device, pool),
+                "floor: middle frame's pixels, 8 x 8": pixel_features(cache, cfg, pool, "frame"),
+                "floor: mean frame + mean abs frame difference, 8 x 8 each": pixel_features(cache, cfg, pool, "motion")}
+    res, rows = {}, []
+    for name, emb in features.items():
+        r = evaluate_methods(None, emb, cache, cfg, args.shots, episodes, ("ncm", "logreg"))
+        res[name] = r
+        for m, label in (("ncm", "nearest class mean"), ("logreg", "logistic regression")):
+            rows.append(f"| {name} | {label} | " + " | ".join(
+                f"{100 * r[m][k]['mean']:.1f} +- {100 * r[m][k]['ci95']:.1f}" for k in args.shots) + " |")
+    mc = cfg.meta
+    body = ["## Does the representation carry the class? (eval.py probe)\n",
+            f"Frozen features of the {len(cache.classes_in('meta_test'))} held-out classes, {mc.n_way}-way episodes "
+            f"({episodes} fixed episodes per setting, seed {EPISODE_SEED}, 1 query per class), mean +- 95% CI; "
+            f"chance {100 / mc.n_way:.0f}%. Features LayerNorm'ed as the MANN reads them.\n",
+            "| features | method | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
+            "|---|---|" + "---|" * len(args.shots), *rows]
+    update_report(folder, "probe", "\n".join(body), run_header(ck, cfg, cache, device))
+    stmeta.write_json(os.path.join(folder, "probe.json"), res, indent=2, default=str)
+    print("\n".join(body[2:]))
+    return res
 
 
 # -----------------------------------------------------------------------------
@@ -1668,6 +1741,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--extra", nargs="*", help="more stage-3 runs to add as arms (e.g. --backbone pixels)")
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
     sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
+    sp = sub.add_parser("probe", help="frozen features on held-out classes (class means, logistic regression) "
+                                      "beside pixel and motion floors")
+    common(sp)
+    sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
+    sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
     sp = sub.add_parser("export", help="latent embedding of every clip to .npy, with labels in a .json")
     common(sp)
     sp.add_argument("--out", default=None, help="output .npy (default <run>/latents.npy)")
@@ -1678,7 +1756,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {"recon": cmd_recon, "classify": cmd_classify, "fewshot": cmd_fewshot, "ablation": cmd_ablation,
-                "export": cmd_export, "speed": cmd_speed}
+                "export": cmd_export, "probe": cmd_probe, "speed": cmd_speed}
     try:
         return handlers[args.cmd](args)
     except (stmeta.InputError, ValueError) as e:

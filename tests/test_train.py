@@ -233,6 +233,11 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     z = np.load(os.path.join(s3, "latents.npy"))
     assert z.shape[0] == len(meta["labels"]) == 180
 
+    probe = evaluate.main(["probe", "--run", s1, "--device", "cpu", "--episodes", "8", "--shots", "1"])
+    assert len(probe) == 3 and all(0 <= r[m][1]["mean"] <= 1 for r in probe.values() for m in ("ncm", "logreg"))
+    report = open(os.path.join(s1, "report.md")).read()
+    assert "Does the representation carry the class?" in report and "floor: mean frame" in report
+
 
 def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_data):
     out = str(tmp_path / "ddp")
