@@ -781,6 +781,23 @@ def cmd_ablation(args) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# A run's frozen encoder, for probe and export
+
+
+def encoder_of_run(ck: dict, cfg: stmeta.Config, device):
+    """An object whose `.backbone` embeds clips as stage 3 does (run_embeddings' input): a stage-3
+    run's own backbone, or an MAE / classifier checkpoint's encoder as the "mae" backbone."""
+    model = build_model(ck, cfg).to(device)
+    if ck["kind"] == "mann":
+        backbone = model.backbone
+    else:
+        backbone = models.build_backbone("mae", cfg.model.encoder)
+        backbone.vit.load_state_dict(model.encoder.state_dict())
+        backbone = backbone.to(device).eval()
+    return type("Holder", (), {"backbone": backbone})()
+
+
+# -----------------------------------------------------------------------------
 # probe: does a representation carry the class? Frozen features on held-out classes, beside
 # the floors any representation must beat: one frame's pixels and simple pixel motion statistics
 
@@ -816,14 +833,8 @@ def cmd_probe(args) -> dict:
     ck, cfg, folder = load_run(args.run, ("mae", "classifier", "mann"))
     device = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(ck, args.data)
-    model = build_model(ck, cfg).to(device)
-    if ck["kind"] == "mann":
-        backbone = model.backbone
-    else:
-        backbone = models.build_backbone("mae", cfg.model.encoder)
-        backbone.vit.load_state_dict(model.encoder.state_dict())
-        backbone = backbone.to(device).eval()
-    holder = type("Holder", (), {"backbone": backbone})()
+    holder = encoder_of_run(ck, cfg, device)
+    backbone = holder.backbone
     pool = cache.indices(class_split="meta_test")
     episodes = args.episodes if args.episodes is not None else cfg.meta.test_episodes
     source = describe_arm(ck, cfg)["encoder"] if ck["kind"] == "mann" else {
@@ -860,15 +871,7 @@ def cmd_export(args) -> dict:
     ck, cfg, folder = load_run(args.run, ("mae", "classifier", "mann"))
     device = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(ck, args.data)
-    model = build_model(ck, cfg).to(device)
-    if ck["kind"] == "mann":
-        backbone = model.backbone
-    else:
-        backbone = models.build_backbone("mae", cfg.model.encoder)
-        backbone.vit.load_state_dict(model.encoder.state_dict())
-        backbone = backbone.to(device).eval()
-    holder = type("Holder", (), {"backbone": backbone})()
-    emb = run_embeddings(holder, cache, cfg, device, np.arange(len(cache.labels)))
+    emb = run_embeddings(encoder_of_run(ck, cfg, device), cache, cfg, device, np.arange(len(cache.labels)))
     out = args.out or os.path.join(folder, "latents.npy")
     with open(out + ".tmp", "wb") as f:  # renamed into place: a kill never leaves half a file
         np.save(f, emb.numpy().astype(np.float32))
@@ -1185,12 +1188,7 @@ def speed_step(model: nn.Module, loss_fn, optimizer, device: torch.device, preci
         with stmeta.autocast(device, precision):
             loss = loss_fn(model, batch)
         scaler.scale(loss).backward()
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        models.optimizer_step(model, optimizer, scaler, clip_grad)  # as train.py steps
     return step
 
 

@@ -840,6 +840,17 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, beta2: floa
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), **fused)
 
 
+def optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: float) -> None:
+    """Unscale (fp16), clip the global gradient norm if asked, step, clear the gradients.
+    With a disabled GradScaler (bf16, fp32) unscale_ and step are the plain calls."""
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def count_parameters(module: nn.Module, layers_only: bool = False) -> int:
     """Number of parameters. layers_only: the weights and biases of the layers (LSA
     temperatures included), without cls/mask tokens and positional embeddings: how the

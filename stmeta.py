@@ -24,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -733,10 +734,7 @@ def cli(main) -> None:
     traceback."""
     try:
         main()
-    except Refused as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except InputError as e:
+    except (Refused, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -824,8 +822,6 @@ def fingerprint(path: str | None, names: tuple[str, ...] | None = None) -> str |
     --pretrained now points at different content, without reading gigabytes."""
     if path is None:
         return None
-    import zlib
-
     files = ([path] if os.path.isfile(path) else
              sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))
                     and not n.endswith(".tmp") and (names is None or n in names)) if os.path.isdir(path) else [])

@@ -20,7 +20,7 @@ cadence), the end. The engineering they share is a few small named helpers above
 
     start_run / finished / resume_from   a phase's folder: refuse, resume exactly, or skip
     lr_at, set_lr                         warmup + half-cosine
-    sync_if, optimizer_step               accumulation under DDP; unscale, clip, step, zero
+    sync_if, models.optimizer_step        accumulation under DDP; unscale, clip, step, zero
     Cadence, Meter                        when to evaluate / checkpoint / log; the window's means
     checkpoint, save, check_finite        what a checkpoint holds; a non-finite loss stops the run
 
@@ -205,17 +205,6 @@ def set_lr(optimizer, lr: float) -> None:
 def sync_if(ddp_model, dist: stmeta.Dist, last_micro: bool):
     """Gradient accumulation under DDP: all-reduce only on the step's last micro-batch."""
     return ddp_model.no_sync() if (dist.enabled and not last_micro) else stmeta.nullcontext()
-
-
-def optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:
-    """Unscale (fp16), clip the global gradient norm if asked, step, clear the gradients.
-    With a disabled GradScaler (bf16, fp32) unscale_ and step are the plain calls."""
-    if clip_grad > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
 
 
 class Cadence:
@@ -547,7 +536,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
             if not last_micro:
                 continue
             micro_in_step = 0
-            optimizer_step(model, optimizer, scaler, pc.clip_grad)
+            models.optimizer_step(model, optimizer, scaler, pc.clip_grad)
             step += 1
             do_eval, do_ckpt, do_log = when(step)
             if do_log:  # the only host sync: the loss is read here, and checked before any save
@@ -687,7 +676,7 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
             if not last_micro:
                 continue
             micro_in_step = 0
-            optimizer_step(model, optimizer, scaler, ft.clip_grad)
+            models.optimizer_step(model, optimizer, scaler, ft.clip_grad)
             step += 1
             do_eval, do_ckpt, do_log = when(step)
             if do_log:
@@ -952,7 +941,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             (loss / mc.accum_steps).backward()
             meter.add(mc.batch_size * dist.world_size, loss=loss,
                       train_acc=(ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1))
-        optimizer_step(model, optimizer, no_scaling, mc.clip_grad)
+        models.optimizer_step(model, optimizer, no_scaling, mc.clip_grad)
         step += 1
         do_eval, do_ckpt, do_log = when(step)
         if do_log:
@@ -1084,12 +1073,6 @@ def check_writable(folder: str) -> None:
         raise stmeta.Refused(f"--out {folder}: cannot write there ({parent} is not a writable folder)")
 
 
-def check_episodes(cfg: stmeta.Config, cache) -> None:
-    """Stage 3's episode shape against the data, before MAE pretraining and classification
-    spend their time: the samplers the MANN phase builds, built now (they raise DataError)."""
-    episode_samplers(cfg, cache)
-
-
 def prepare_run(args, overrides, dist, device_name):
     """Resolve and check everything; -> (lock, args, cfg, ...) for run(). Raises Refused."""
     try:
@@ -1131,7 +1114,7 @@ def prepare_run(args, overrides, dist, device_name):
     if args.stage == 3 and cfg.meta.pixels_channels == 0:  # grey data stays one channel for the pixels backbone
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
     if args.stage == 3:
-        check_episodes(cfg, cache)
+        episode_samplers(cfg, cache)  # the episode shape against the data, before any phase spends time
     directional = data.direction_classes(cache.classes)
     if directional and cfg.data.hflip and dist.is_main:
         print(f"warning: {data.flip_warning(directional, len(cache.classes))}")

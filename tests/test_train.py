@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,12 @@ def run(tmp, tiny_data, *extra, stage=2, name="run"):
 
 def weights(path):
     return stmeta.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = weights(path_a), weights(path_b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_stage1_from_scratch_then_init_from_it(tmp_path, tiny_data):
@@ -149,9 +156,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_data):
         run(str(tmp_path), tiny_data, *extra, "--resume", "--stop-after", "3", stage=2, name="cut")
     resumed, cut_out = run(str(tmp_path), tiny_data, *extra, "--resume", stage=2, name="cut")
     assert resumed["val_acc"] == full["val_acc"] and resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-6)
-    a, b = weights(os.path.join(full_out, "last.pt")), weights(os.path.join(cut_out, "last.pt"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_weights(os.path.join(full_out, "last.pt"), os.path.join(cut_out, "last.pt"))
 
 
 def test_resume_equals_uninterrupted_stage3(tmp_path, tiny_data):
@@ -160,9 +165,7 @@ def test_resume_equals_uninterrupted_stage3(tmp_path, tiny_data):
     with pytest.raises(SystemExit):
         run(str(tmp_path), tiny_data, *extra, "--stop-after", "3", stage=3, name="cut")
     resumed, cut_out = run(str(tmp_path), tiny_data, *extra, "--resume", stage=3, name="cut")
-    a, b = weights(os.path.join(full_out, "last.pt")), weights(os.path.join(cut_out, "last.pt"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_weights(os.path.join(full_out, "last.pt"), os.path.join(cut_out, "last.pt"))
     assert resumed["fewshot"]["mann"][1]["mean"] == full["fewshot"]["mann"][1]["mean"]
 
 
@@ -295,9 +298,7 @@ def test_resume_at_a_phase_boundary_equals_uninterrupted(tmp_path, tiny_data, ke
     for phase in kept:  # what a kill at that boundary leaves on disk
         shutil.copytree(os.path.join(full_out, phase), os.path.join(cut_out, phase))
     resumed, _ = run(str(tmp_path), tiny_data, *extra, "--resume", stage=3, name="cut")
-    a, b = weights(os.path.join(full_out, "last.pt")), weights(os.path.join(cut_out, "last.pt"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_weights(os.path.join(full_out, "last.pt"), os.path.join(cut_out, "last.pt"))
     assert resumed["fewshot"]["mann"][1]["mean"] == full["fewshot"]["mann"][1]["mean"]
 
 
@@ -398,3 +399,15 @@ def test_pretraining_pool_keeps_unlabelled_clips_and_all_adds_held_out(tiny_data
     cache.labels = cache.labels.copy()
     cache.labels[allc[0]] = -1  # an unlabelled clip: in the default pool
     assert allc[0] in cache.pretrain_pool("meta_train")
+
+
+def test_pixel_floors_have_their_stated_shapes(tiny_data):
+    cache = data.ClipCache(tiny_data)
+    cfg = stmeta.get_preset("tiny")
+    pool = cache.indices(class_split="meta_test")
+    frame = evaluate.pixel_features(cache, cfg, pool, "frame")
+    motion = evaluate.pixel_features(cache, cfg, pool, "motion")
+    C = cfg.model.encoder.in_chans
+    assert frame.shape == (len(cache.labels), C * 64) and motion.shape == (len(cache.labels), 2 * C * 64)
+    others = np.setdiff1d(np.arange(len(cache.labels)), pool)
+    assert frame[others].abs().sum() == 0 and motion[pool].abs().sum() > 0  # rows outside the pool stay zero
