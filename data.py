@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -1200,6 +1201,8 @@ class ClipCache:
         # every decoded frame has R == G == B (Omniglot, say); False where meta.json does not say
         # (the synthetic benchmark, caches made before the flag)
         self.grey: bool = bool(meta.get("grey", False))
+        # a built-in benchmark says whether a horizontal flip changes a clip's class (glyphs do)
+        self.flip_changes_class: bool = bool(meta.get("flip_changes_class", False))
 
     def _open(self) -> np.memmap:
         path = self.root / "clips.npy"
@@ -1261,7 +1264,7 @@ class ClipCache:
         """One line: what data, classes and clips per split, frames, size, fps."""
         m = self.meta
         if m["kind"] == "synthetic":
-            what = f"synthetic action benchmark (seed {m['seed']})"
+            what = f"synthetic {m['synthetic'].get('benchmark', 'actions')} benchmark (seed {m['seed']})"
         else:
             what = "prepared from " + ", ".join(m["sources"])
         n_tr, n_te = len(self.classes_in("meta_train")), len(self.classes_in("meta_test"))
@@ -1512,6 +1515,179 @@ def render_synthetic_clip(class_name: str, seed: int, clip_index: int, frames: i
     return video
 
 
+# -----------------------------------------------------------------------------
+# The glyph benchmark: what moves and how it moves. A class is (glyph, motion): one of 24
+# stroke-drawn glyphs doing one of 5 motions, so appearance and motion both define it (two
+# classes of an episode may share a glyph and differ only in motion, or share a motion and differ
+# only in glyph). A glyph is 2-4 pen strokes (quadratic Bezier curves) drawn from a seed, redrawn
+# for every clip with its control points jittered and a new stroke width, scale, tilt and colour,
+# like one character written by different hands; `glyph_images=DIR` uses real drawings instead
+# (any folder of <class>/<image> files, e.g. Omniglot's <alphabet>/<character>/*.png: each clip a
+# random drawing of its character). Motions have random directions and senses, but a glyph is not
+# mirror-symmetric, so a horizontal flip turns a clip into another glyph: this benchmark is
+# flip-sensitive and its cache says so (train.py then leaves flips off).
+
+GLYPH_MOTIONS = ("drift", "orbit", "spin", "pulse", "hop")
+GLYPHS = 24
+GLYPH_RADIUS = 0.3  # of the frame side: a glyph spans about 60% of the frame, 2-3 patches of 8 px at 32 px
+_GLYPH_RES = 48  # glyph bitmaps are drawn at this side, then sampled into each frame
+
+
+def glyph_class_names(n_glyphs: int = GLYPHS, characters: list[str] | None = None) -> list[str]:
+    """'glyphNN motion' (or '<character> motion' for real drawings), glyph-major order."""
+    glyphs = characters if characters is not None else [f"glyph{g:02d}" for g in range(n_glyphs)]
+    return [f"{g} {m}" for g in glyphs for m in GLYPH_MOTIONS]
+
+
+def _stroke_glyph(seed: int, glyph: int, rng: np.random.Generator) -> np.ndarray:
+    """One hand's drawing of procedural glyph `glyph`: (R, R) float alpha in [0, 1]. The strokes
+    come from (seed, glyph); rng jitters them (the hand). Drawn with PIL's pen at 4x, then
+    reduced: anti-aliased strokes in well under a millisecond."""
+    from PIL import Image, ImageDraw
+
+    g = np.random.default_rng([seed, 7_000_003, glyph])
+    n = int(g.integers(2, 5))
+    ctrl = g.uniform(-1, 1, (n, 3, 2))  # start, control, end of each stroke
+    for k in range(1, n):  # strokes start on an earlier stroke half the time, so glyphs hang together
+        if g.random() < 0.5:
+            ctrl[k, 0] = ctrl[int(g.integers(k)), int(g.choice((0, 2)))]
+    s = np.linspace(0, 1, 16)[:, None, None]  # (S, 1, 1) along each curve
+    def curve(c):  # (n, 3, 2) -> (S, n, 2)
+        return (1 - s) ** 2 * c[None, :, 0] + 2 * s * (1 - s) * c[None, :, 1] + s ** 2 * c[None, :, 2]
+    lo, hi = curve(ctrl).reshape(-1, 2).min(0), curve(ctrl).reshape(-1, 2).max(0)
+    ctrl = (ctrl - (lo + hi) / 2) * (1.5 / max(float((hi - lo).max()), 1e-6))  # the ink fills [-0.75, 0.75]
+    ctrl = ctrl + rng.normal(0, 0.05, ctrl.shape)
+    width = g.uniform(0.08, 0.12) * rng.uniform(0.8, 1.2)  # in glyph units (the frame of the glyph is 2)
+    big = 4 * _GLYPH_RES
+    pts = (curve(ctrl) + 1) / 2 * big
+    im = Image.new("L", (big, big))
+    pen = ImageDraw.Draw(im)
+    w = max(1, int(round(width * big)))
+    for k in range(n):
+        pen.line([tuple(p) for p in pts[:, k]], fill=255, width=w, joint="curve")
+        for p in (pts[0, k], pts[-1, k]):  # round caps
+            pen.ellipse([p[0] - w / 2, p[1] - w / 2, p[0] + w / 2, p[1] + w / 2], fill=255)
+    return np.asarray(im.resize((_GLYPH_RES, _GLYPH_RES), Image.BOX), dtype=np.float64) / 255
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_glyph(path: str) -> np.ndarray:
+    """A drawing as an (R, R) alpha: ink (dark on light, or light on dark) cropped to its box,
+    centred in a square with a margin."""
+    from PIL import Image, ImageFilter
+
+    with Image.open(path) as im:
+        x = np.asarray(im.convert("L"), dtype=np.float64) / 255
+    if np.median(x) > 0.5:  # dark ink on a light page
+        x = 1 - x
+    ys, xs = np.nonzero(x > 0.5)
+    if len(ys) == 0:
+        raise DataError(f"{path}: no ink found (an empty drawing)")
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    side = int(max(y1 - y0, x1 - x0) * 1.15) + 2
+    sq = np.zeros((side, side))
+    oy, ox = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
+    sq[oy: oy + y1 - y0, ox: ox + x1 - x0] = x[y0:y1, x0:x1]
+    # a pen as broad as the procedural glyphs' (about 8% of the side): a thin scan would fade
+    # to a hairline at the size glyphs are drawn
+    big = Image.fromarray((sq * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(max(3, int(0.05 * side) | 1)))
+    small = big.resize((_GLYPH_RES, _GLYPH_RES), Image.BOX)
+    return np.asarray(small, dtype=np.float64) / 255
+
+
+def _paste_glyph(video, alpha, xy, theta, scale, radius, colour) -> None:
+    """Composite a glyph bitmap into video (T, H, W, 3) in place at centres xy (T, 2), angles
+    theta (T,) and scales (T,), half-side `radius` pixels: every pixel maps back into the bitmap
+    (bilinear), colour blended by the sampled alpha. Whole frames at once (a glyph covers most)."""
+    T, H, W, _ = video.shape
+    R = _GLYPH_RES
+    f32 = np.float32
+    dy = ((np.arange(H) + 0.5)[None, :, None] - xy[:, 1, None, None]).astype(f32)  # (T, H, 1) from the centre, px
+    dx = ((np.arange(W) + 0.5)[None, None, :] - xy[:, 0, None, None]).astype(f32)  # (T, 1, W)
+    k = R / (2 * radius * scale)  # bitmap pixels per frame pixel, (T,)
+    c, s = (np.cos(theta) * k).astype(f32)[:, None, None], (np.sin(theta) * k).astype(f32)[:, None, None]
+    u = c * dx + s * dy + f32(R / 2 - 0.5)  # bitmap column, (T, H, W)
+    v = c * dy - s * dx + f32(R / 2 - 0.5)  # bitmap row
+    u0, v0 = np.floor(u), np.floor(v)
+    fu, fv = u - u0, v - v0
+    pad = np.pad(alpha.astype(f32), 1).ravel()  # zero outside the bitmap
+    i = (np.clip(v0, -1, R - 1).astype(np.int64) + 1) * (R + 2) + np.clip(u0, -1, R - 1).astype(np.int64) + 1
+    a = ((1 - fv) * ((1 - fu) * pad[i] + fu * pad[i + 1]) + fv * ((1 - fu) * pad[i + R + 2] + fu * pad[i + R + 3]))
+    a *= (u > -1) & (u < R) & (v > -1) & (v < R)  # far outside the bitmap: no ink
+    a = a[..., None]  # (T, H, W, 1)
+    video[:] = np.clip(video * (1 - a) + colour.astype(f32) * a + f32(0.5), 0, 255).astype(np.uint8)
+
+
+def _glyph_motion(kind: str, t: np.ndarray, L: float, rng: np.random.Generator):
+    """(centre (T, 2) px, angle (T,), scale (T,)) of a glyph doing `kind`; directions and senses
+    random, so every motion class is unchanged by a flip (the glyph is not)."""
+    u, sign = rng.uniform, lambda: float(rng.choice((-1.0, 1.0)))
+    tt = t[:, None].astype(np.float64)
+    theta = np.full(len(t), u(-0.3, 0.3))  # a hand's tilt
+    scale = np.ones(len(t))
+    if kind == "drift":
+        heading = u(0, 2 * math.pi)
+        xy = _wrap(u(0.3, 0.7, 2) * L + u(0.025, 0.04) * L * tt * np.array([math.cos(heading), math.sin(heading)]), L)
+    elif kind == "orbit":
+        a = sign() * 2 * math.pi / u(14, 22) * tt + u(0, 2 * math.pi)
+        xy = u(0.45, 0.55, 2) * L + u(0.14, 0.2) * L * np.hstack([np.cos(a), np.sin(a)])
+    elif kind == "spin":
+        xy = np.repeat(u(0.4, 0.6, (1, 2)) * L, len(t), axis=0)
+        theta = theta + sign() * u(0.2, 0.35) * t
+    elif kind == "pulse":
+        xy = np.repeat(u(0.4, 0.6, (1, 2)) * L, len(t), axis=0)
+        scale = 1 + 0.35 * np.sin(2 * math.pi * t / u(6, 10) + u(0, 2 * math.pi))
+    elif kind == "hop":
+        x = _wrap(u(0.2, 0.8) * L + sign() * u(0.01, 0.02) * L * tt, L)
+        period = u(8, 12)
+        y = u(0.62, 0.7) * L - u(0.2, 0.3) * L * np.abs(np.sin(math.pi * (tt + u(0, period)) / period))
+        xy = np.hstack([x, y])
+    else:
+        raise ValueError(kind)
+    return xy, theta, scale
+
+
+def render_glyph_clip(class_name: str, seed: int, clip_index: int, frames: int = 32, size: int = 64,
+                      glyph_images: dict[str, list[str]] | None = None) -> np.ndarray:
+    """One clip of class 'glyph motion' -> (frames, size, size, 3) uint8. Pure, like
+    render_synthetic_clip. glyph_images maps a character to its drawings' files (real glyphs)."""
+    glyph, motion = class_name.rsplit(" ", 1)
+    key = zlib.crc32(class_name.encode())  # a class's stream, whatever else the benchmark holds
+    rng = np.random.default_rng([seed, 7_000_001, key, clip_index])
+    L = float(size)
+    t = np.arange(frames)
+    video = np.repeat(_synth_background(size, rng)[None], frames, axis=0)
+    for _ in range(int(rng.integers(0, 3))):  # small slow distractors, as in the action benchmark
+        heading = rng.uniform(0, 2 * math.pi)
+        velocity = rng.uniform(0, 0.012) * L * np.array([math.cos(heading), math.sin(heading)])
+        p = _wrap(rng.uniform(0, L, 2) + t[:, None] * velocity, L)
+        _draw(video, p, np.full(frames, rng.uniform(0, 2 * math.pi)), np.ones(frames), np.ones(frames, bool),
+              rng.uniform(0.04, 0.07) * L, SYNTH_SHAPES[rng.integers(len(SYNTH_SHAPES))], _bright_colour(rng))
+    if glyph_images is not None:
+        drawings = glyph_images[glyph]
+        alpha = _image_glyph(drawings[int(rng.integers(len(drawings)))])
+    else:
+        alpha = _stroke_glyph(seed, int(glyph.removeprefix("glyph")), rng)
+    xy, theta, scale = _glyph_motion(motion, t, L, rng)
+    _paste_glyph(video, alpha, xy, theta, scale, GLYPH_RADIUS * L * rng.uniform(0.85, 1.15), _bright_colour(rng))
+    return video
+
+
+def read_glyph_images(root, n_glyphs: int, seed: int) -> dict[str, list[str]]:
+    """n_glyphs characters (a seeded choice, in name order) from a folder of <class>/<image>
+    files -> {character: [drawing paths]}; refused when the folder has fewer."""
+    records, _ = read_folder(root)
+    by_class: dict[str, list[str]] = {}
+    for r in records:
+        if _is_image(r.path):
+            by_class.setdefault(r.labels[0].replace(" ", "_"), []).append(str(r.path))
+    if len(by_class) < n_glyphs:
+        raise DataError(f"{root}: {len(by_class)} classes of images, the glyph benchmark asked for {n_glyphs}")
+    names = sorted(by_class)
+    pick = sorted(np.random.default_rng(seed).choice(len(names), n_glyphs, replace=False))
+    return {names[i]: sorted(by_class[names[i]]) for i in pick}
+
+
 def _synth_split(names: list[str], meta_test_fraction: float, seed: int) -> list[str]:
     """The seeded class split, redrawn (deterministically) until every path, action and partner
     also occurs in meta-train, so meta-test classes are new combinations of known primitives."""
@@ -1526,10 +1702,11 @@ def _synth_split(names: list[str], meta_test_fraction: float, seed: int) -> list
 
 def _synth_worker(job) -> int:
     """Render a batch of rows straight into the shared clips.npy (and optionally mp4 files)."""
-    out, rows, seed, frames, size, mp4_paths = job
+    out, rows, seed, frames, size, mp4_paths, benchmark, glyph_images = job
     clips = np.load(Path(out) / "clips.npy", mmap_mode="r+")
     for (row, name, k), mp4 in zip(rows, mp4_paths):
-        clips[row] = render_synthetic_clip(name, seed, k, frames, size)
+        clips[row] = (render_synthetic_clip(name, seed, k, frames, size) if benchmark == "actions" else
+                      render_glyph_clip(name, seed, k, frames, size, glyph_images))
         if mp4:
             import imageio.v2 as iio
 
@@ -1540,10 +1717,14 @@ def _synth_worker(job) -> int:
     return len(rows)
 
 
-def _synth_params(n_classes, clips_per_class, frames, size, seed, meta_test_fraction, val_fraction, write_mp4):
-    return {"n_classes": n_classes, "clips_per_class": clips_per_class, "frames": frames, "size": size,
-            "seed": seed, "meta_test_fraction": meta_test_fraction, "val_fraction": val_fraction,
-            "mp4": bool(write_mp4)}
+def _synth_params(n_classes, clips_per_class, frames, size, seed, meta_test_fraction, val_fraction, write_mp4,
+                  benchmark="actions", glyph_images=None):
+    params = {"n_classes": n_classes, "clips_per_class": clips_per_class, "frames": frames, "size": size,
+              "seed": seed, "meta_test_fraction": meta_test_fraction, "val_fraction": val_fraction,
+              "mp4": bool(write_mp4)}
+    if benchmark != "actions":  # the action benchmark's params stay as they were: old caches still match
+        params.update(benchmark=benchmark, glyph_images=os.path.abspath(glyph_images) if glyph_images else None)
+    return params
 
 
 def refuse_to_replace(out: Path) -> None:
@@ -1569,23 +1750,56 @@ def refuse_to_replace(out: Path) -> None:
                         f"{', ...' if len(other) > 3 else ''}): choose another --out")
 
 
-def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIPS_PER_CLASS, frames: int = 32,
-                    size: int = 64, seed: int = 0, write_mp4: bool = False, workers: int | None = None,
-                    meta_test_fraction: float = 0.2, val_fraction: float = 0.2, verbose: bool = True) -> dict:
-    """Render the synthetic benchmark into the clip-cache format at `out` and return its meta.
-    Bitwise reproducible from the arguments (worker count does not matter). With `write_mp4`
-    each clip is also written to out/videos/<class>/<k>.mp4, a folder source for `prepare`."""
-    names_all = synth_class_names()
-    if not 2 <= n_classes <= len(names_all):
-        raise DataError(f"the synthetic grammar has {len(names_all)} classes; n_classes must be 2..{len(names_all)}, "
-                        f"got {n_classes}")
+BENCHMARKS = {  # the built-in benchmarks: what defines a class, their default size, flips
+    "actions": "motion only: a path x an action x a partner (128 classes); flips keep the class",
+    "glyphs": f"appearance and motion: {GLYPHS} stroke glyphs x {len(GLYPH_MOTIONS)} motions "
+              f"({GLYPHS * len(GLYPH_MOTIONS)} classes); a flip makes another glyph",
+}
+
+
+def benchmark_names(benchmark: str, n_classes: int | None, seed: int, glyph_images=None):
+    """The class names of a built-in benchmark (a seeded subset when n_classes is smaller than
+    the whole), and for real glyphs their drawings."""
+    if benchmark not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    if glyph_images and benchmark != "glyphs":
+        raise DataError("glyph images are for the glyphs benchmark (--benchmark glyphs)")
+    drawings = None
+    if benchmark == "actions":
+        names_all = synth_class_names()
+        n_classes = n_classes or len(names_all)
+        if not 2 <= n_classes <= len(names_all):
+            raise DataError(f"the synthetic grammar has {len(names_all)} classes; n_classes must be "
+                            f"2..{len(names_all)}, got {n_classes}")
+    else:
+        n_motions = len(GLYPH_MOTIONS)
+        n_classes = n_classes or GLYPHS * n_motions
+        if n_classes < n_motions or n_classes % n_motions:
+            raise DataError(f"the glyph benchmark's classes are glyphs x {n_motions} motions: n_classes must be a "
+                            f"multiple of {n_motions}, got {n_classes}")
+        if glyph_images:
+            drawings = read_glyph_images(glyph_images, n_classes // n_motions, seed)
+            names_all = glyph_class_names(characters=list(drawings))
+        else:
+            names_all = glyph_class_names(n_classes // n_motions)
+    if n_classes == len(names_all):
+        return names_all, drawings
+    pick = np.random.default_rng(seed).choice(len(names_all), n_classes, replace=False)  # grammar order kept
+    return [names_all[i] for i in sorted(pick)], drawings
+
+
+def build_synthetic(out, n_classes: int | None = None, clips_per_class: int = SYNTH_CLIPS_PER_CLASS,
+                    frames: int = 32, size: int = 64, seed: int = 0, write_mp4: bool = False,
+                    workers: int | None = None, meta_test_fraction: float = 0.2, val_fraction: float = 0.2,
+                    verbose: bool = True, benchmark: str = "actions", glyph_images=None) -> dict:
+    """Render a built-in benchmark (`BENCHMARKS`) into the clip-cache format at `out` and return
+    its meta. Bitwise reproducible from the arguments (worker count does not matter). With
+    `write_mp4` each clip is also written to out/videos/<class>/<k>.mp4, a folder source for
+    `prepare`. glyph_images: a folder of <character>/<image> drawings for the glyphs benchmark."""
     if clips_per_class < 1 or frames < 1 or size < 8:
         raise DataError(f"need clips_per_class >= 1, frames >= 1, size >= 8 (got {clips_per_class}, {frames}, {size})")
-    if n_classes == len(names_all):
-        names = names_all
-    else:  # a seeded subset, kept in grammar order
-        pick = np.random.default_rng(seed).choice(len(names_all), n_classes, replace=False)
-        names = [names_all[i] for i in sorted(pick)]
+    names, drawings = benchmark_names(benchmark, n_classes, seed, glyph_images)
+    n_classes = len(names)
     out = Path(out)
     refuse_to_replace(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1600,7 +1814,9 @@ def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIP
     mp4s = [str(out / "videos" / name.replace(" ", "_") / f"{k:03d}.mp4") if write_mp4 else None
             for _, name, k in jobs_rows]
     chunk = max(1, clips_per_class)
-    jobs = [(str(out), jobs_rows[i: i + chunk], seed, frames, size, mp4s[i: i + chunk])
+    jobs = [(str(out), jobs_rows[i: i + chunk], seed, frames, size, mp4s[i: i + chunk], benchmark,
+             {n.rsplit(" ", 1)[0]: drawings[n.rsplit(" ", 1)[0]] for _, n, _ in jobs_rows[i: i + chunk]}
+             if drawings else None)
             for i in range(0, len(jobs_rows), chunk)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     progress = stmeta.Progress(len(jobs_rows), "synth") if verbose else None
@@ -1619,7 +1835,10 @@ def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIP
     if progress:
         progress.close()
 
-    class_split = _synth_split(names, meta_test_fraction, seed)
+    # actions: held-out classes are new combinations of known primitives; glyphs: a plain seeded
+    # class split, as `prepare` makes for any folder of (what, how) classes
+    class_split = (_synth_split(names, meta_test_fraction, seed) if benchmark == "actions"
+                   else split_classes(names, meta_test_fraction, seed))
     clip_split = split_clips([name for _, name, _ in jobs_rows], [None] * len(jobs_rows), val_fraction, seed)
     entries = [{"path": mp4 or f"synthetic:{name}/{k:03d}", "labels": [name], "source": "synthetic",
                 "start": None, "end": None, "split_hint": None, "class_split_hint": None, "status": "ok",
@@ -1629,8 +1848,13 @@ def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIP
             "fps": SYNTH_FPS, "frames": frames, "seed": seed, "meta_test_fraction": meta_test_fraction,
             "val_fraction": val_fraction, "sources": ["synthetic"],
             "synthetic": {"params": _synth_params(n_classes, clips_per_class, frames, size, seed,
-                                                  meta_test_fraction, val_fraction, write_mp4),
-                          "grammar": {"paths": SYNTH_PATHS, "actions": SYNTH_ACTIONS, "partners": SYNTH_PARTNERS}},
+                                                  meta_test_fraction, val_fraction, write_mp4, benchmark, glyph_images),
+                          "benchmark": benchmark, "about": BENCHMARKS[benchmark],
+                          "grammar": ({"paths": SYNTH_PATHS, "actions": SYNTH_ACTIONS, "partners": SYNTH_PARTNERS}
+                                      if benchmark == "actions" else {"motions": GLYPH_MOTIONS,
+                                                                      "glyphs": "drawings" if drawings else "strokes"})},
+            # a flip turns a glyph into another glyph; the action classes are flip-symmetric
+            "flip_changes_class": benchmark == "glyphs",
             "classes": names, "class_split": class_split, "empty_classes": [], "clips": entries}
     _save_meta(out, meta)
     if verbose:
@@ -1641,9 +1865,11 @@ def build_synthetic(out, n_classes: int = 128, clips_per_class: int = SYNTH_CLIP
 def ensure_synthetic(out, **kw) -> str:
     """The synthetic cache at `out`, built if missing, incomplete or made with other settings;
     otherwise returned at once. train.py calls this when no --data is given."""
-    defaults = dict(n_classes=128, clips_per_class=SYNTH_CLIPS_PER_CLASS, frames=32, size=64, seed=0,
-                    meta_test_fraction=0.2, val_fraction=0.2, write_mp4=False)
-    params = _synth_params(**{**defaults, **{k: v for k, v in kw.items() if k in defaults}})
+    benchmark = kw.get("benchmark", "actions")
+    defaults = dict(n_classes=128 if benchmark == "actions" else GLYPHS * len(GLYPH_MOTIONS),
+                    clips_per_class=SYNTH_CLIPS_PER_CLASS, frames=32, size=64, seed=0,
+                    meta_test_fraction=0.2, val_fraction=0.2, write_mp4=False, benchmark="actions", glyph_images=None)
+    params = _synth_params(**{**defaults, **{k: v for k, v in kw.items() if k in defaults and v is not None}})
     try:
         cache = ClipCache(out)
         if cache.meta.get("kind") == "synthetic" and cache.meta["synthetic"]["params"] == params:
@@ -2222,7 +2448,11 @@ def info(root) -> str:
     split, and the failure report."""
     cache = ClipCache(root)
     grey = "yes, every decoded frame has R == G == B" if cache.grey else "no"
-    lines = [cache.summary(), f"grey: {grey}", "", f"{'class':40s} {'meta split':10s} {'train':>6s} {'val':>6s}"]
+    flips = ("change the class (this benchmark says so): train.py leaves them off" if cache.flip_changes_class else
+             "keep the class, as far as the cache knows" + (" (but see the warning on direction-named classes)"
+                                                          if direction_classes(cache.classes) else ""))
+    lines = [cache.summary(), f"grey: {grey}", f"horizontal flips: {flips}", "",
+             f"{'class':40s} {'meta split':10s} {'train':>6s} {'val':>6s}"]
     for c, name in enumerate(cache.classes):
         mine = cache.valid & (cache.labels == c)
         n_train = int((mine & (cache.clip_split == "train")).sum())
@@ -2255,9 +2485,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("synth", help="build the synthetic action benchmark")
+    s = sub.add_parser("synth", help="build a built-in benchmark (the synthetic actions, or glyphs)")
     s.add_argument("--out", required=True, help="cache directory to write (clips.npy + meta.json)")
-    s.add_argument("--classes", type=int, default=128, help="number of classes, 2..128 (default 128: all of them)")
+    s.add_argument("--benchmark", default="actions", choices=sorted(BENCHMARKS),
+                   help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()) + " (default actions)")
+    s.add_argument("--glyph-images", default=None, metavar="DIR",
+                   help="glyphs: draw real characters from a folder of <class>/<image> files (e.g. Omniglot's "
+                        "images_background) instead of procedural strokes")
+    s.add_argument("--classes", type=int, default=None,
+                   help="number of classes (default all: 128 actions, 120 glyphs; glyphs take a multiple of 5)")
     s.add_argument("--clips-per-class", type=int, default=SYNTH_CLIPS_PER_CLASS,
                    help=f"clips per class (default {SYNTH_CLIPS_PER_CLASS}; 16 proved too few to learn from)")
     s.add_argument("--frames", type=int, default=32, help="frames per clip at 10 FPS (default 32)")
@@ -2310,7 +2546,8 @@ def main(argv=None) -> int:
         if args.cmd == "synth":
             build_synthetic(args.out, n_classes=args.classes, clips_per_class=args.clips_per_class, frames=args.frames,
                             size=args.size, seed=args.seed, write_mp4=args.mp4, workers=args.workers,
-                            meta_test_fraction=args.meta_test_fraction, val_fraction=args.val_fraction)
+                            meta_test_fraction=args.meta_test_fraction, val_fraction=args.val_fraction,
+                            benchmark=args.benchmark, glyph_images=args.glyph_images)
             print(ClipCache(args.out).summary())
         elif args.cmd == "prepare":
             prepare(args.source, args.out, size=args.size, fps=args.fps, frames=args.frames, workers=args.workers,

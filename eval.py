@@ -738,6 +738,11 @@ def cmd_ablation(args) -> dict:
     rep = "representation only: " if both_cfg.meta.backbone == "mae" else ""
     if sequence:
         arms.append(("label counting (never looks at the input)", "-", "computed", res["label_count"]))
+    if not sequence:  # the floors every representation must beat, on the same episodes
+        for name, emb in floor_features(cache, both_cfg, pool).items():
+            r = evaluate_methods(None, emb, cache, both_cfg, args.shots, episodes, ("ncm", "logreg"))
+            arms += [(f"{name} + nearest class mean", "-", "-", r["ncm"]),
+                     (f"{name} + logistic regression", "-", "-", r["logreg"])]
     arms.append((f"{rep}{enc} + nearest class mean", args.both, "-", res["ncm"]))
     arms.append((f"{rep}{enc} + logistic regression", args.both, "-", res["logreg"]))
     arms.append((f"{role}{what['model']} on {enc}", args.both, run_budget(both_ck, both_cfg), res["mann"]))
@@ -807,7 +812,8 @@ def pixel_features(cache, cfg: stmeta.Config, indices: np.ndarray, kind: str, si
     """(N, D) floors from the clips' pixels (centred window, the model's input), rows of clips
     not in `indices` zero. kind "frame": the middle frame pooled to size x size (appearance);
     "motion": the mean frame and the mean absolute frame difference, each size x size (what a
-    clip looks like and where it moves)."""
+    clip looks like and where it moves); "edges": the grey image's gradient magnitude averaged
+    over the clip, size x size (shapes and their paths, whatever their colour)."""
     enc = cfg.model.encoder
     ds = data.ClipDataset(cache, indices, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
                           size=enc.img_size, train=False)
@@ -817,12 +823,26 @@ def pixel_features(cache, cfg: stmeta.Config, indices: np.ndarray, kind: str, si
         pool = lambda x: F.adaptive_avg_pool2d(x, size).flatten(1)  # noqa: E731 - (B, C, H, W) -> (B, C*s*s)
         if kind == "frame":
             rows.append(pool(v[:, :, v.shape[2] // 2]))
+        elif kind == "edges":
+            g = v.mean(1)  # (B, T, H, W) grey
+            gy, gx = g[..., 1:, :-1] - g[..., :-1, :-1], g[..., :-1, 1:] - g[..., :-1, :-1]
+            rows.append(pool((gx ** 2 + gy ** 2).sqrt().mean(1, keepdim=True)))
         else:
             diff = (v[:, :, 1:] - v[:, :, :-1]).abs().mean(2) if v.shape[2] > 1 else torch.zeros_like(v[:, :, 0])
             rows.append(torch.cat([pool(v.mean(2)), pool(diff)], dim=1))
     out = torch.zeros(len(cache.labels), rows[0].shape[1])
     out[torch.as_tensor(indices)] = torch.cat(rows)
     return out
+
+
+FLOORS = {"frame": "floor: middle frame's pixels, 8 x 8",
+          "motion": "floor: mean frame + mean abs frame difference, 8 x 8 each",
+          "edges": "floor: grey gradient magnitude averaged over the clip, 8 x 8"}
+
+
+def floor_features(cache, cfg: stmeta.Config, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """{name: (N, D)} the pixel floors on the given clips (every probe and ablation shows them)."""
+    return {name: pixel_features(cache, cfg, indices, kind) for kind, name in FLOORS.items()}
 
 
 def cmd_probe(args) -> dict:
@@ -840,8 +860,7 @@ def cmd_probe(args) -> dict:
     source = describe_arm(ck, cfg)["encoder"] if ck["kind"] == "mann" else {
         "mae": "MAE encoder, no labels", "classifier": "encoder tuned on meta-train labels"}[ck["kind"]]
     features = {f"{source} ({backbone.out_dim} features)": run_embeddings(holder, cache, cfg, device, pool),
-                "floor: middle frame's pixels, 8 x 8": pixel_features(cache, cfg, pool, "frame"),
-                "floor: mean frame + mean abs frame difference, 8 x 8 each": pixel_features(cache, cfg, pool, "motion")}
+                **floor_features(cache, cfg, pool)}
     res, rows = {}, []
     for name, emb in features.items():
         r = evaluate_methods(None, emb, cache, cfg, args.shots, episodes, ("ncm", "logreg"))

@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 reconstruction (MAE), 2 MAE + classification head, 3 MAE + MANN few-shot")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--data", default=None,
-                   help="clip cache folder made by `python data.py prepare` or `synth`; default: the synthetic "
-                        "benchmark under data_cache/, built on first use")
+                   help="clip cache folder made by `python data.py prepare` or `synth`; default: a built-in "
+                        "benchmark (--benchmark) under data_cache/, built on first use")
+    p.add_argument("--benchmark", default=None, choices=sorted(data.BENCHMARKS),
+                   help="the built-in benchmark used when no --data is given: " +
+                        "; ".join(f"{k}: {v}" for k, v in data.BENCHMARKS.items()) + " (default actions)")
     p.add_argument("--preset", default=None, choices=sorted(stmeta.PRESETS),
                    help="paper: the paper's model and Tables 1-2 (default on CUDA); cpu: a small demo that runs "
                         "in minutes on a laptop CPU (default elsewhere); tiny: for tests")
@@ -161,15 +164,20 @@ def default_out(stage: int, resume: bool) -> str:
 
 def open_data(args, cfg: stmeta.Config, dist: stmeta.Dist) -> data.ClipCache:
     enc = cfg.model.encoder
+    if args.data is not None and args.benchmark is not None:
+        raise stmeta.Refused(f"--benchmark {args.benchmark} picks a built-in benchmark and --data {args.data} names a "
+                             f"cache: give one of them")
     if args.data is None:
-        # The synthetic benchmark, sized for the model: rendered at its input size, with enough
+        # A built-in benchmark, sized for the model: rendered at its input size, with enough
         # frames for one clip of num_frames at the sampling rate, and at least 32.
         frames = max(32, enc.num_frames * cfg.data.sampling_rate)
         size = enc.img_size  # rendered at the model's input size: no resizing in the loader
-        args.data = os.path.join("data_cache", f"synthetic-{size}px-{frames}f")
+        benchmark = args.benchmark or "actions"
+        args.data = os.path.join("data_cache", f"{'synthetic' if benchmark == 'actions' else benchmark}-{size}px-{frames}f")
         if dist.is_main:
-            print(f"data: the synthetic benchmark in {args.data} (built on first use; --data DIR for your own)")
-            data.ensure_synthetic(args.data, frames=frames, size=size, seed=0)
+            print(f"data: the built-in {benchmark} benchmark in {args.data} (built on first use; --data DIR for your "
+                  f"own)")
+            data.ensure_synthetic(args.data, frames=frames, size=size, seed=0, benchmark=benchmark)
         if dist.enabled:
             torch.distributed.barrier()
     if not os.path.isdir(args.data):
@@ -1115,9 +1123,16 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
     if args.stage == 3:
         episode_samplers(cfg, cache)  # the episode shape against the data, before any phase spends time
+    flip_given = any(o[2:].split("=", 1)[0].replace("-", "_") in ("data.hflip", "hflip") for o in overrides)
+    if cache.flip_changes_class and cfg.data.hflip and not flip_given:
+        cfg.data.hflip = False  # the default follows the data: a flipped glyph is another glyph
+        if dist.is_main:
+            print("data: horizontal flips off (this benchmark's classes change under a flip; --data.hflip=true "
+                  "forces them)")
     directional = data.direction_classes(cache.classes)
-    if directional and cfg.data.hflip and dist.is_main:
-        print(f"warning: {data.flip_warning(directional, len(cache.classes))}")
+    if cfg.data.hflip and dist.is_main and (directional or cache.flip_changes_class):
+        print(f"warning: {data.flip_warning(directional, len(cache.classes))}" if directional else
+              "warning: --data.hflip=true on a benchmark whose classes change under a flip")
     RUN_INFO.update(data=os.path.abspath(args.data), init=os.path.abspath(source) if source else None)
     RUN_INFO["inputs"] = {"--data": os.path.abspath(args.data), "data fingerprint": stmeta.fingerprint(args.data, data.CACHE_FILES),
                           "--init/--pretrained": os.path.abspath(source) if source else None,

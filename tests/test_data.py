@@ -1268,3 +1268,63 @@ def test_direction_named_classes_are_warned_about(tmp_path):
     assert said and "2 of 3 classes" in said[0] and "--data.hflip=false" in said[0], meta["warnings"]
     assert data.direction_classes(["turning clockwise", "bright light", "spin ccw"]) == ["spin ccw",
                                                                                          "turning clockwise"]
+
+
+# -----------------------------------------------------------------------------
+# The glyph benchmark: appearance and motion
+
+
+def test_glyph_clips_are_pure_and_classes_differ():
+    a = data.render_glyph_clip("glyph03 orbit", seed=0, clip_index=1, frames=6, size=24)
+    assert a.shape == (6, 24, 24, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, data.render_glyph_clip("glyph03 orbit", 0, 1, 6, 24))
+    assert not np.array_equal(a[0], a[-1])  # it moves
+    # one glyph drawn by two hands is alike; two glyphs are not (the strokes come from the glyph)
+    rng = np.random.default_rng
+    g3, g3b, g4 = (data._stroke_glyph(0, g, rng(k)) for g, k in ((3, 1), (3, 2), (4, 1)))
+    assert g3.shape == (data._GLYPH_RES,) * 2 and 0 <= g3.min() and g3.max() <= 1 and g3.max() > 0.9
+    def iou(x, y):
+        return ((x > 0.5) & (y > 0.5)).sum() / ((x > 0.5) | (y > 0.5)).sum()
+    assert iou(g3, g3b) > iou(g3, g4)
+
+
+def test_glyph_benchmark_cache_says_flips_change_the_class(tmp_path):
+    meta = data.build_synthetic(tmp_path / "g", benchmark="glyphs", n_classes=10, clips_per_class=3, frames=4,
+                                size=16, verbose=False, workers=1)
+    cache = data.ClipCache(tmp_path / "g")
+    assert cache.classes == ["glyph00 drift", "glyph00 orbit", "glyph00 spin", "glyph00 pulse", "glyph00 hop",
+                             "glyph01 drift", "glyph01 orbit", "glyph01 spin", "glyph01 pulse", "glyph01 hop"]
+    assert cache.flip_changes_class and meta["synthetic"]["benchmark"] == "glyphs"
+    assert "glyphs benchmark" in cache.summary() and "change the class" in data.info(tmp_path / "g")
+    assert not data.ClipCache(data.build_synthetic(tmp_path / "a", n_classes=4, clips_per_class=2, frames=4, size=8,
+                                                   verbose=False) and tmp_path / "a").flip_changes_class
+    assert data.ensure_synthetic(tmp_path / "g", benchmark="glyphs", n_classes=10, clips_per_class=3, frames=4,
+                                 size=16) == str(tmp_path / "g")  # same params: reused, not rebuilt
+    for bad, match in ((dict(n_classes=12), "multiple of 5"), (dict(benchmark="nope"), "unknown benchmark"),
+                       (dict(benchmark="actions", glyph_images=tmp_path), "glyphs benchmark")):
+        with pytest.raises(DataError, match=match):
+            data.build_synthetic(tmp_path / "bad", **{"benchmark": "glyphs", "n_classes": 10, **bad},
+                                 clips_per_class=2, frames=4, size=8, verbose=False)
+
+
+def test_glyph_benchmark_draws_real_characters_from_images(tmp_path):
+    """glyph_images: each clip a random drawing of its character (dark ink on light paper here)."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        for k in range(2):
+            page = np.full((30, 30), 255, np.uint8)
+            page[5 + 3 * c: 25, 8 + k: 11 + k] = 0  # a bar, different for each character
+            write_image(tmp_path / "chars" / "alphabet" / f"character{c:02d}" / f"{k}.png", page)
+    write_image(tmp_path / "chars" / "alphabet" / "character02" / "blank.png", np.full((30, 30), 255, np.uint8))
+    meta = data.build_synthetic(tmp_path / "g", benchmark="glyphs", glyph_images=tmp_path / "chars", n_classes=10,
+                                clips_per_class=2, frames=3, size=16, verbose=False, workers=1, seed=1)
+    chars = {n.rsplit(" ", 1)[0] for n in meta["classes"]}
+    assert len(chars) == 2 and all(c.startswith("alphabet/character") for c in chars)
+    assert meta["synthetic"]["grammar"]["glyphs"] == "drawings"
+    clips = data.ClipCache(tmp_path / "g").clips
+    assert clips.shape == (20, 3, 16, 16, 3) and clips.std() > 0
+    with pytest.raises(DataError, match="blank.png: no ink"):
+        data._image_glyph(str(tmp_path / "chars" / "alphabet" / "character02" / "blank.png"))
+    with pytest.raises(DataError, match="3 classes of images.*asked for 4"):
+        data.build_synthetic(tmp_path / "g2", benchmark="glyphs", glyph_images=tmp_path / "chars", n_classes=20,
+                             clips_per_class=2, frames=3, size=16, verbose=False)

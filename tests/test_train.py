@@ -226,7 +226,7 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     _, s3 = run(str(tmp_path), tiny_data, stage=3, name="s3")
     _, sc = run(str(tmp_path), tiny_data, "--backbone", "scratch", "--meta.steps=2", stage=3, name="s3scratch")
     arms = evaluate.main(["ablation", "--both", s3, "--meta-only", sc, "--device", "cpu", "--episodes", "10"])
-    assert len(arms) == 4
+    assert len(arms) == 4 + 2 * len(evaluate.FLOORS)  # meta-only, NCM, logreg, both, and the floors
     report = open(os.path.join(s3, "report.md")).read()
     assert "Ablation" in report and "Few-shot" in report  # sections side by side
     assert os.path.exists(os.path.join(s3, "ablation_1shot.png"))
@@ -237,7 +237,7 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     assert z.shape[0] == len(meta["labels"]) == 180
 
     probe = evaluate.main(["probe", "--run", s1, "--device", "cpu", "--episodes", "8", "--shots", "1"])
-    assert len(probe) == 3 and all(0 <= r[m][1]["mean"] <= 1 for r in probe.values() for m in ("ncm", "logreg"))
+    assert len(probe) == 1 + len(evaluate.FLOORS) and all(0 <= r[m][1]["mean"] <= 1 for r in probe.values() for m in ("ncm", "logreg"))
     report = open(os.path.join(s1, "report.md")).read()
     assert "Does the representation carry the class?" in report and "floor: mean frame" in report
 
@@ -407,7 +407,25 @@ def test_pixel_floors_have_their_stated_shapes(tiny_data):
     pool = cache.indices(class_split="meta_test")
     frame = evaluate.pixel_features(cache, cfg, pool, "frame")
     motion = evaluate.pixel_features(cache, cfg, pool, "motion")
+    edges = evaluate.pixel_features(cache, cfg, pool, "edges")
     C = cfg.model.encoder.in_chans
     assert frame.shape == (len(cache.labels), C * 64) and motion.shape == (len(cache.labels), 2 * C * 64)
+    assert edges.shape == (len(cache.labels), 64) and (edges[pool] >= 0).all() and edges[pool].sum() > 0
     others = np.setdiff1d(np.arange(len(cache.labels)), pool)
     assert frame[others].abs().sum() == 0 and motion[pool].abs().sum() > 0  # rows outside the pool stay zero
+
+
+def test_flips_follow_the_benchmark(tmp_path, capsys):
+    """A glyph cache says a flip changes the class: flips are off unless asked for, and asking warns."""
+    cache = str(tmp_path / "glyphs")
+    data.build_synthetic(cache, benchmark="glyphs", n_classes=30, clips_per_class=4, frames=8, size=16, workers=1,
+                         verbose=False)
+    run(str(tmp_path), cache, stage=1, name="off")
+    assert stmeta.load_checkpoint(os.path.join(tmp_path, "off", "last.pt"))["config"]["data"]["hflip"] is False
+    assert "horizontal flips off" in capsys.readouterr().out
+    run(str(tmp_path), cache, "--data.hflip=true", stage=1, name="on")
+    assert stmeta.load_checkpoint(os.path.join(tmp_path, "on", "last.pt"))["config"]["data"]["hflip"] is True
+    assert "warning: --data.hflip=true on a benchmark whose classes change" in capsys.readouterr().out
+    with pytest.raises(stmeta.Refused, match="give one of them"):  # a built-in benchmark or a cache, not both
+        train.main(["--stage", "1", "--preset", "tiny", "--data", cache, "--benchmark", "glyphs",
+                    "--out", str(tmp_path / "both")])
