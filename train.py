@@ -261,6 +261,8 @@ class Meter:
         rec.update(extra)
         rec.update({"ms/step": 1000 * dt / steps, f"{unit}/s": self.items / max(dt, 1e-9),
                     "eta": stmeta.format_duration((total - step) * dt / steps)})
+        if RUN_ETA is not None and RUN_ETA.current is not None:  # the whole run's, in a run of several phases
+            rec["run eta"] = stmeta.format_duration(RUN_ETA.remaining((total - step) * dt / steps, dt / steps))
         self.reset()
         return rec
 
@@ -483,12 +485,11 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
     val_ds = data.ClipDataset(cache, val_idx[: max(pc.batch_size, 256)], train=False, **ds_kw)
     # -- schedule: optimizer steps, warmup, peak lr
     batch = pc.batch_size
-    steps_per_epoch = len(train_idx) // (batch * dist.world_size)
+    steps_per_epoch, total, warmup = schedule(len(train_idx), batch, dist.world_size, pc.epochs, pc.max_steps,
+                                              pc.accum_steps, pc.warmup_epochs)
     if steps_per_epoch == 0:
         raise stmeta.Refused(f"only {len(train_idx)} training clips for batch size {batch} x {dist.world_size} "
                          f"process(es); lower --pretrain.batch_size")
-    total = (pc.max_steps or pc.epochs * steps_per_epoch) // pc.accum_steps
-    warmup = pc.warmup_epochs * steps_per_epoch // pc.accum_steps
     lr = pc.lr or pc.blr * batch * pc.accum_steps * dist.world_size / 256  # mae_st's scaling rule
 
     # -- model, optimizer, and what a resume restores
@@ -623,12 +624,11 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
     names = {"classes": [cache.classes[c] for c in class_ids]}  # stored with every checkpoint
     # -- schedule: optimizer steps, warmup, peak lr (Table 2's absolute lr, or Table 1's base lr)
     batch = ft.batch_size
-    steps_per_epoch = len(train_idx) // (batch * dist.world_size)
+    steps_per_epoch, total, warmup = schedule(len(train_idx), batch, dist.world_size, ft.epochs, ft.max_steps,
+                                              ft.accum_steps, ft.warmup_epochs)
     if steps_per_epoch == 0:
         raise stmeta.Refused(f"only {len(train_idx)} labelled training clips for batch size {batch}; lower "
                          f"--finetune.batch_size or raise --labeled-fraction")
-    total = (ft.max_steps or ft.epochs * steps_per_epoch) // ft.accum_steps
-    warmup = ft.warmup_epochs * steps_per_epoch // ft.accum_steps
     lr = ft.lr or ft.blr * batch * ft.accum_steps * dist.world_size / 256
     if dist.is_main:
         print(f"classifier: {n_cls} classes ({classes}), {len(train_idx)} labelled train clips "
@@ -1145,6 +1145,135 @@ def prepare_run(args, overrides, dist, device_name):
     return lock, args, cfg, out, cache, device, precision, dist, source_state
 
 
+# -----------------------------------------------------------------------------
+# The whole run's ETA: each planned phase's work x its step time measured at the start, each
+# later phase rescaled by how far the running phase's measured steps are from its calibration
+
+
+def schedule(n_clips: int, batch: int, world: int, epochs: int, max_steps: int, accum: int,
+             warmup_epochs: int) -> tuple[int, int, int]:
+    """An epoch-based phase's (micro-batches per epoch, optimizer steps, warmup steps)."""
+    per_epoch = n_clips // (batch * world)
+    return per_epoch, (max_steps or epochs * per_epoch) // accum, warmup_epochs * per_epoch // accum
+
+
+def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> dict[str, int]:
+    """Optimizer steps of each training phase, as its loop will count them; clips embedded
+    (a frozen MANN's one pass) and episodes scored (the evaluation) for the others."""
+    pc, ft, mc = cfg.pretrain, cfg.finetune, cfg.meta
+    work = {}
+    for name in plan:
+        if name in ("MAE pretraining", "MAE reconstruction"):
+            pool = cache.pretrain_pool("all" if (args.stage == 2 and args.classes == "all") else pc.pool)
+            work[name] = schedule(len(pool), pc.batch_size, world, pc.epochs, pc.max_steps, pc.accum_steps, 0)[1]
+        elif name == "classification":
+            split = "meta_train" if args.stage == 3 or args.classes != "all" else None
+            idx = data.labelled_subset(cache, cache.indices(clip_split="train", class_split=split),
+                                       cfg.data.labeled_fraction, cfg.seed)
+            work[name] = schedule(len(idx), ft.batch_size, world, ft.epochs, ft.max_steps, ft.accum_steps, 0)[1]
+        elif name == "MANN meta-training":
+            work[name] = mc.steps
+            work["embedding"] = len(cache.labels) if mc.freeze_backbone and mc.backbone != "pixels" else 0
+        elif name == "evaluation":
+            work[name] = mc.test_episodes
+    return work
+
+
+def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_classes: int) -> dict[str, float]:
+    """Seconds per unit of phase_work on this machine now: 2 warm-up and 2 timed steps of a
+    throwaway copy of each phase's model on random inputs of the run's batch sizes (the global
+    RNG is saved and restored, so the run itself is unchanged). Loading, validation and
+    checkpoints are not in these steps; the running phase's measured steps rescale them."""
+    enc, mc = cfg.model.encoder, cfg.meta
+    state = torch.random.get_rng_state()
+
+    def per_step(model, loss_fn, batch, warmup: int = 2, steps: int = 2) -> float:
+        step = evaluate.speed_step(model, loss_fn, models.make_optimizer(model, 1e-4, 0.05, 0.95), device, precision)
+        for _ in range(warmup):  # the first steps allocate
+            step(batch)
+        evaluate.speed_sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        evaluate.speed_sync(device)
+        return (time.perf_counter() - t0) / steps
+
+    out = {}
+    for name in plan:
+        if name in ("MAE pretraining", "MAE reconstruction"):
+            mae = models.VideoMAE(cfg.model).to(device)
+            out[name] = cfg.pretrain.accum_steps * per_step(mae, lambda m, v: m(v)[0],
+                                                            evaluate.speed_video(cfg.pretrain.batch_size, enc, device))
+        elif name == "classification":
+            clf = models.Classifier(enc, n_classes).to(device)
+            y = torch.arange(cfg.finetune.batch_size, device=device) % n_classes
+            out[name] = cfg.finetune.accum_steps * per_step(clf, lambda m, v: F.cross_entropy(m(v).float(), y),
+                                                            evaluate.speed_video(cfg.finetune.batch_size, enc, device))
+        elif name == "MANN meta-training":
+            backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size,
+                                             channels=mc.pixels_channels or None).to(device)
+            model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
+                                       input_norm=mc.input_norm).to(device)
+            per_class = max(20, mc.k_shot + mc.n_query, mc.seq_shots)
+            labels = [c for c in range(2 * mc.n_way) for _ in range(per_class)]
+            sampler = data.EpisodeSampler(labels, np.arange(len(labels)), list(range(2 * mc.n_way)), mc.n_way,
+                                          mc.k_shot, mc.n_query, mc.layout, mc.seq_shots)
+            ep = sampler.sample(mc.batch_size, torch.Generator().manual_seed(0)).to(device)
+            cached = mc.backbone == "pixels" or (mc.freeze_backbone and not (mc.rotate_classes or mc.max_shift))
+            if cached:  # the table of embeddings the episodes index
+                table = torch.randn(len(labels), backbone.out_dim, device=device)
+                backbone.requires_grad_(False)
+                loss = lambda m, _: models.episode_loss(m, table[ep.clips], ep)[0]  # noqa: E731
+            else:  # every step's clips through the backbone (trained end to end, or augmented)
+                clips = evaluate.speed_video(ep.clips.numel(), enc, device)
+                backbone.requires_grad_(not mc.freeze_backbone)
+                loss = lambda m, v: models.episode_loss(m, m.backbone(v).view(*ep.clips.shape, -1), ep)[0]  # noqa
+            out[name] = mc.accum_steps * per_step(model, loss, None if cached else clips)
+            with torch.no_grad():  # a frozen backbone's one pass over every clip, per clip
+                video = evaluate.speed_video(64, enc, device)
+                t0 = time.perf_counter()
+                backbone(video)
+                evaluate.speed_sync(device)
+                out["embedding"] = (time.perf_counter() - t0) / 64
+            with torch.no_grad():  # the evaluation: the MANN and the baselines on 20 episodes, per episode
+                ev = sampler.sample(20, torch.Generator().manual_seed(1)).to(device)
+                x = torch.randn(*ev.clips.shape, backbone.out_dim, device=device)
+                t0 = time.perf_counter()
+                model(x, ev.label_in)
+                evaluate.logreg_predict(evaluate.baseline_input(x), ev, mc.n_way)
+                evaluate.speed_sync(device)
+                settings = 2 + (mc.layout == "sequence")  # 1- and 5-shot, and the sequence layout
+                out["evaluation"] = settings * (time.perf_counter() - t0) / 20
+    torch.random.set_rng_state(state)
+    return out
+
+
+class RunETA:
+    """What is left of the whole run: the running phase's own ETA (its measured steps), plus
+    every later phase's estimate x (measured / calibrated step time of the running phase)."""
+
+    def __init__(self, plan: list[str], work: dict[str, int], unit_seconds: dict[str, float]):
+        self.plan, self.current = plan, None
+        self.estimate = {k: work[k] * unit_seconds.get(k, 0.0) for k in work}
+        self.unit = unit_seconds
+
+    def total(self) -> float:
+        return sum(self.estimate.values())
+
+    def remaining(self, phase_left: float, step_seconds: float) -> float:
+        k = self.plan.index(self.current)
+        calibrated = self.unit.get(self.current, 0.0)
+        scale = min(max(step_seconds / calibrated, 0.5), 4.0) if calibrated > 0 else 1.0
+        later = self.plan[k + 1:]
+        training = sum(self.estimate.get(p, 0.0) for p in later if p != "evaluation")
+        if "MANN meta-training" in later:
+            training += self.estimate.get("embedding", 0.0)
+        return phase_left + training * scale + (self.estimate.get("evaluation", 0.0) if "evaluation" in later else 0)
+
+
+RUN_ETA: RunETA | None = None  # set by run() for runs of more than one phase; read by Meter
+
+
 def phases(args, cfg, has_source: bool) -> list[str]:
     """The phases this run goes through, in order: what "phase k/n" counts."""
     if args.stage == 1:
@@ -1162,12 +1291,24 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
     stmeta.seed_everything(cfg.seed)
     t_run = time.time()
     plan = phases(args, cfg, source_state is not None)
+    global RUN_ETA
+    RUN_ETA = None
+    if len(plan) > 1:  # one phase's own ETA is the run's
+        t0 = time.time()
+        n_classes = len(cache.classes_in("meta_train")) if args.stage == 3 or args.classes != "all" else \
+            len(cache.classes)
+        RUN_ETA = RunETA(plan, phase_work(plan, args, cfg, cache, dist.world_size),
+                         calibrate(plan, cfg, device, precision, max(n_classes, 2)))
+        estimate = (f"; their steps alone about {stmeta.format_duration(RUN_ETA.total())} (each timed here in "
+                    f"{time.time() - t0:.0f} s; `run eta` on the progress lines adds loading and validation)")
     if dist.is_main:
-        print(f"plan: {len(plan)} phase(s): " + ", ".join(plan))
+        print(f"plan: {len(plan)} phase(s): " + ", ".join(plan) + (estimate if RUN_ETA else ""))
 
     def begin(name: str, what: str) -> None:
         k = plan.index(name) + 1
         stmeta.RunLog.prefix = f"phase {k}/{len(plan)} {name} | " if len(plan) > 1 else ""
+        if RUN_ETA is not None:
+            RUN_ETA.current = name
         if dist.is_main:
             print(f"== phase {k}/{len(plan)}: {what}")
 
@@ -1237,6 +1378,7 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
                       f"{100 * one['mean']:.1f}% +- {100 * one['ci95']:.1f}% (95% CI, {one['episodes']} episodes; "
                       f"chance {100 / cfg.meta.n_way:.0f}%)")
     stmeta.RunLog.prefix = ""
+    RUN_ETA = None
     if dist.is_main:
         print(f"run took {stmeta.format_duration(time.time() - t_run)}")
     stmeta.cleanup_distributed(dist)

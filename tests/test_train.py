@@ -1,6 +1,7 @@
 """train.py and eval.py end to end on tiny settings: every stage, resume, refusals, NaN
 handling, two-process data parallelism, and every eval subcommand's tables and pictures."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -429,3 +430,32 @@ def test_flips_follow_the_benchmark(tmp_path, capsys):
     with pytest.raises(stmeta.Refused, match="give one of them"):  # a built-in benchmark or a cache, not both
         train.main(["--stage", "1", "--preset", "tiny", "--data", cache, "--benchmark", "glyphs",
                     "--out", str(tmp_path / "both")])
+
+
+def test_run_eta_counts_each_phase_as_its_loop_does(tmp_path, tiny_data, capsys):
+    """phase_work's steps are the loops' own totals; every progress line of a run of several
+    phases carries the whole run's ETA, and a one-phase run's lines do not."""
+    _, out = run(str(tmp_path), tiny_data, stage=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("plan: 4 phase(s)") and "their steps alone about" in line for line in lines)
+    progress = [line for line in lines if line.startswith("phase ") and "ms/step" in line]
+    assert progress and all("| run eta " in line for line in progress)
+    cfg = stmeta.get_preset("tiny")
+    plan = ["MAE pretraining", "classification", "MANN meta-training", "evaluation"]
+    work = train.phase_work(plan, argparse.Namespace(stage=3, classes="meta_train"), cfg, data.ClipCache(tiny_data), 1)
+    for name, folder in (("MAE pretraining", "pretrain"), ("classification", "classify"), ("MANN meta-training", "")):
+        assert work[name] == stmeta.load_checkpoint(os.path.join(out, folder, "last.pt"))["total"], name
+    assert work["embedding"] == 180 and work["evaluation"] == cfg.meta.test_episodes
+
+    eta = train.RunETA(plan, {"MAE pretraining": 100, "classification": 10, "MANN meta-training": 50,
+                              "embedding": 1000, "evaluation": 10},
+                       {"MAE pretraining": 0.1, "classification": 1.0, "MANN meta-training": 0.2, "embedding": 0.01,
+                        "evaluation": 0.5})
+    assert eta.total() == pytest.approx(10 + 10 + 10 + 10 + 5)
+    eta.current = "MAE pretraining"  # steps measured at twice their calibration: later training phases too
+    assert eta.remaining(3.0, 0.2) == pytest.approx(3 + 2 * (10 + 10 + 10) + 5)
+    eta.current = "MANN meta-training"  # the embedding pass is behind it; the evaluation is not rescaled
+    assert eta.remaining(1.0, 0.1) == pytest.approx(1 + 5)
+
+    _, one = run(str(tmp_path), tiny_data, stage=1, name="one")
+    assert not any("run eta" in line for line in capsys.readouterr().out.splitlines())
