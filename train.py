@@ -1176,6 +1176,7 @@ def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> 
             work["embedding"] = len(cache.labels) if mc.freeze_backbone and mc.backbone != "pixels" else 0
         elif name == "evaluation":
             work[name] = mc.test_episodes
+            work["evaluation embedding"] = len(cache.indices(class_split="meta_test"))
     return work
 
 
@@ -1235,15 +1236,19 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
                 backbone(video)
                 evaluate.speed_sync(device)
                 out["embedding"] = (time.perf_counter() - t0) / 64
-            with torch.no_grad():  # the evaluation: the MANN and the baselines on 20 episodes, per episode
-                ev = sampler.sample(20, torch.Generator().manual_seed(1)).to(device)
-                x = torch.randn(*ev.clips.shape, backbone.out_dim, device=device)
+            with torch.no_grad():  # the evaluation: the MANN and the baselines on 20 episodes of each setting
                 t0 = time.perf_counter()
-                model(x, ev.label_in)
-                evaluate.logreg_predict(evaluate.baseline_input(x), ev, mc.n_way)
+                layouts = [(k, "support_query") for k in (1, 5)] + ([(1, "sequence")] if mc.layout == "sequence" else [])
+                for k, layout in layouts:  # eval.py fewshot's settings: 1- and 5-shot (and the training layout)
+                    ev = data.EpisodeSampler(labels, np.arange(len(labels)), list(range(2 * mc.n_way)), mc.n_way, k,
+                                             mc.n_query, layout, mc.seq_shots).sample(20, torch.Generator()
+                                                                                       .manual_seed(k)).to(device)
+                    x = torch.randn(*ev.clips.shape, backbone.out_dim, device=device)
+                    model(x, ev.label_in)
+                    evaluate.logreg_predict(evaluate.baseline_input(x), ev, mc.n_way)
                 evaluate.speed_sync(device)
-                settings = 2 + (mc.layout == "sequence")  # 1- and 5-shot, and the sequence layout
-                out["evaluation"] = settings * (time.perf_counter() - t0) / 20
+                out["evaluation"] = (time.perf_counter() - t0) / 20
+                out["evaluation embedding"] = out["embedding"]  # the held-out clips, once more
     torch.random.set_rng_state(state)
     return out
 
@@ -1268,7 +1273,8 @@ class RunETA:
         training = sum(self.estimate.get(p, 0.0) for p in later if p != "evaluation")
         if "MANN meta-training" in later:
             training += self.estimate.get("embedding", 0.0)
-        return phase_left + training * scale + (self.estimate.get("evaluation", 0.0) if "evaluation" in later else 0)
+        evaluation = self.estimate.get("evaluation", 0.0) + self.estimate.get("evaluation embedding", 0.0)
+        return phase_left + training * scale + (evaluation if "evaluation" in later else 0.0)
 
 
 RUN_ETA: RunETA | None = None  # set by run() for runs of more than one phase; read by Meter

@@ -446,16 +446,17 @@ def test_run_eta_counts_each_phase_as_its_loop_does(tmp_path, tiny_data, capsys)
     for name, folder in (("MAE pretraining", "pretrain"), ("classification", "classify"), ("MANN meta-training", "")):
         assert work[name] == stmeta.load_checkpoint(os.path.join(out, folder, "last.pt"))["total"], name
     assert work["embedding"] == 180 and work["evaluation"] == cfg.meta.test_episodes
+    assert work["evaluation embedding"] == 36  # the 6 held-out classes' clips
 
     eta = train.RunETA(plan, {"MAE pretraining": 100, "classification": 10, "MANN meta-training": 50,
-                              "embedding": 1000, "evaluation": 10},
+                              "embedding": 1000, "evaluation": 10, "evaluation embedding": 100},
                        {"MAE pretraining": 0.1, "classification": 1.0, "MANN meta-training": 0.2, "embedding": 0.01,
-                        "evaluation": 0.5})
-    assert eta.total() == pytest.approx(10 + 10 + 10 + 10 + 5)
+                        "evaluation": 0.5, "evaluation embedding": 0.01})
+    assert eta.total() == pytest.approx(10 + 10 + 10 + 10 + 5 + 1)
     eta.current = "MAE pretraining"  # steps measured at twice their calibration: later training phases too
-    assert eta.remaining(3.0, 0.2) == pytest.approx(3 + 2 * (10 + 10 + 10) + 5)
+    assert eta.remaining(3.0, 0.2) == pytest.approx(3 + 2 * (10 + 10 + 10) + 6)
     eta.current = "MANN meta-training"  # the embedding pass is behind it; the evaluation is not rescaled
-    assert eta.remaining(1.0, 0.1) == pytest.approx(1 + 5)
+    assert eta.remaining(1.0, 0.1) == pytest.approx(1 + 6)
 
     _, one = run(str(tmp_path), tiny_data, stage=1, name="one")
     assert not any("run eta" in line for line in capsys.readouterr().out.splitlines())
