@@ -1647,29 +1647,49 @@ def _glyph_motion(kind: str, t: np.ndarray, L: float, rng: np.random.Generator):
     return xy, theta, scale
 
 
+def _ink_colour(rng: np.random.Generator) -> np.ndarray:
+    """A dark ink (uint8 RGB, via HSV): blue-black, brown, green-black, ..."""
+    h, s, v = rng.uniform(0, 6), rng.uniform(0.3, 0.8), rng.uniform(0.1, 0.4)
+    k = (np.array([5.0, 3.0, 1.0]) + h) % 6
+    rgb = v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+GLYPH_BACKGROUNDS = ("paper", "textured")
+
+
 def render_glyph_clip(class_name: str, seed: int, clip_index: int, frames: int = 32, size: int = 64,
-                      glyph_images: dict[str, list[str]] | None = None) -> np.ndarray:
+                      glyph_images: dict[str, list[str]] | None = None, background: str = "paper") -> np.ndarray:
     """One clip of class 'glyph motion' -> (frames, size, size, 3) uint8. Pure, like
-    render_synthetic_clip. glyph_images maps a character to its drawings' files (real glyphs)."""
+    render_synthetic_clip. glyph_images maps a character to its drawings' files (real glyphs).
+    background "paper": dark inks on a plain light page of random brightness, as handwriting is
+    seen; "textured": the action benchmark's coloured textures and bright colours (much harder for
+    the MAE at the cpu preset: README, Results)."""
     glyph, motion = class_name.rsplit(" ", 1)
     key = zlib.crc32(class_name.encode())  # a class's stream, whatever else the benchmark holds
     rng = np.random.default_rng([seed, 7_000_001, key, clip_index])
     L = float(size)
     t = np.arange(frames)
-    video = np.repeat(_synth_background(size, rng)[None], frames, axis=0)
+    if background == "paper":
+        page, colour = np.full((size, size, 3), rng.uniform(190, 235), np.uint8), _ink_colour
+    elif background == "textured":
+        page, colour = _synth_background(size, rng), _bright_colour
+    else:
+        raise DataError(f"unknown glyph background {background!r}; choose one of {', '.join(GLYPH_BACKGROUNDS)}")
+    video = np.repeat(page[None], frames, axis=0)
     for _ in range(int(rng.integers(0, 3))):  # small slow distractors, as in the action benchmark
         heading = rng.uniform(0, 2 * math.pi)
         velocity = rng.uniform(0, 0.012) * L * np.array([math.cos(heading), math.sin(heading)])
         p = _wrap(rng.uniform(0, L, 2) + t[:, None] * velocity, L)
         _draw(video, p, np.full(frames, rng.uniform(0, 2 * math.pi)), np.ones(frames), np.ones(frames, bool),
-              rng.uniform(0.04, 0.07) * L, SYNTH_SHAPES[rng.integers(len(SYNTH_SHAPES))], _bright_colour(rng))
+              rng.uniform(0.04, 0.07) * L, SYNTH_SHAPES[rng.integers(len(SYNTH_SHAPES))], colour(rng))
     if glyph_images is not None:
         drawings = glyph_images[glyph]
         alpha = _image_glyph(drawings[int(rng.integers(len(drawings)))])
     else:
         alpha = _stroke_glyph(seed, int(glyph.removeprefix("glyph")), rng)
     xy, theta, scale = _glyph_motion(motion, t, L, rng)
-    _paste_glyph(video, alpha, xy, theta, scale, GLYPH_RADIUS * L * rng.uniform(0.85, 1.15), _bright_colour(rng))
+    _paste_glyph(video, alpha, xy, theta, scale, GLYPH_RADIUS * L * rng.uniform(0.85, 1.15), colour(rng))
     return video
 
 
@@ -1702,11 +1722,11 @@ def _synth_split(names: list[str], meta_test_fraction: float, seed: int) -> list
 
 def _synth_worker(job) -> int:
     """Render a batch of rows straight into the shared clips.npy (and optionally mp4 files)."""
-    out, rows, seed, frames, size, mp4_paths, benchmark, glyph_images = job
+    out, rows, seed, frames, size, mp4_paths, benchmark, glyph_images, background = job
     clips = np.load(Path(out) / "clips.npy", mmap_mode="r+")
     for (row, name, k), mp4 in zip(rows, mp4_paths):
         clips[row] = (render_synthetic_clip(name, seed, k, frames, size) if benchmark == "actions" else
-                      render_glyph_clip(name, seed, k, frames, size, glyph_images))
+                      render_glyph_clip(name, seed, k, frames, size, glyph_images, background))
         if mp4:
             import imageio.v2 as iio
 
@@ -1718,12 +1738,13 @@ def _synth_worker(job) -> int:
 
 
 def _synth_params(n_classes, clips_per_class, frames, size, seed, meta_test_fraction, val_fraction, write_mp4,
-                  benchmark="actions", glyph_images=None):
+                  benchmark="actions", glyph_images=None, glyph_background="paper"):
     params = {"n_classes": n_classes, "clips_per_class": clips_per_class, "frames": frames, "size": size,
               "seed": seed, "meta_test_fraction": meta_test_fraction, "val_fraction": val_fraction,
               "mp4": bool(write_mp4)}
     if benchmark != "actions":  # the action benchmark's params stay as they were: old caches still match
-        params.update(benchmark=benchmark, glyph_images=os.path.abspath(glyph_images) if glyph_images else None)
+        params.update(benchmark=benchmark, glyph_images=os.path.abspath(glyph_images) if glyph_images else None,
+                      glyph_background=glyph_background)
     return params
 
 
@@ -1753,7 +1774,7 @@ def refuse_to_replace(out: Path) -> None:
 BENCHMARKS = {  # the built-in benchmarks: what defines a class, their default size, flips
     "actions": "motion only: a path x an action x a partner (128 classes); flips keep the class",
     "glyphs": f"appearance and motion: {GLYPHS} stroke glyphs x {len(GLYPH_MOTIONS)} motions "
-              f"({GLYPHS * len(GLYPH_MOTIONS)} classes); a flip makes another glyph",
+              f"({GLYPHS * len(GLYPH_MOTIONS)} classes), ink on paper; a flip makes another glyph",
 }
 
 
@@ -1791,11 +1812,15 @@ def benchmark_names(benchmark: str, n_classes: int | None, seed: int, glyph_imag
 def build_synthetic(out, n_classes: int | None = None, clips_per_class: int = SYNTH_CLIPS_PER_CLASS,
                     frames: int = 32, size: int = 64, seed: int = 0, write_mp4: bool = False,
                     workers: int | None = None, meta_test_fraction: float = 0.2, val_fraction: float = 0.2,
-                    verbose: bool = True, benchmark: str = "actions", glyph_images=None) -> dict:
+                    verbose: bool = True, benchmark: str = "actions", glyph_images=None,
+                    glyph_background: str = "paper") -> dict:
     """Render a built-in benchmark (`BENCHMARKS`) into the clip-cache format at `out` and return
     its meta. Bitwise reproducible from the arguments (worker count does not matter). With
     `write_mp4` each clip is also written to out/videos/<class>/<k>.mp4, a folder source for
-    `prepare`. glyph_images: a folder of <character>/<image> drawings for the glyphs benchmark."""
+    `prepare`. glyph_images: a folder of <character>/<image> drawings for the glyphs benchmark;
+    glyph_background: "paper" or "textured" (render_glyph_clip)."""
+    if glyph_background not in GLYPH_BACKGROUNDS:
+        raise DataError(f"unknown glyph background {glyph_background!r}; choose one of {', '.join(GLYPH_BACKGROUNDS)}")
     if clips_per_class < 1 or frames < 1 or size < 8:
         raise DataError(f"need clips_per_class >= 1, frames >= 1, size >= 8 (got {clips_per_class}, {frames}, {size})")
     names, drawings = benchmark_names(benchmark, n_classes, seed, glyph_images)
@@ -1816,7 +1841,7 @@ def build_synthetic(out, n_classes: int | None = None, clips_per_class: int = SY
     chunk = max(1, clips_per_class)
     jobs = [(str(out), jobs_rows[i: i + chunk], seed, frames, size, mp4s[i: i + chunk], benchmark,
              {n.rsplit(" ", 1)[0]: drawings[n.rsplit(" ", 1)[0]] for _, n, _ in jobs_rows[i: i + chunk]}
-             if drawings else None)
+             if drawings else None, glyph_background)
             for i in range(0, len(jobs_rows), chunk)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     progress = stmeta.Progress(len(jobs_rows), "synth") if verbose else None
@@ -1848,11 +1873,13 @@ def build_synthetic(out, n_classes: int | None = None, clips_per_class: int = SY
             "fps": SYNTH_FPS, "frames": frames, "seed": seed, "meta_test_fraction": meta_test_fraction,
             "val_fraction": val_fraction, "sources": ["synthetic"],
             "synthetic": {"params": _synth_params(n_classes, clips_per_class, frames, size, seed,
-                                                  meta_test_fraction, val_fraction, write_mp4, benchmark, glyph_images),
+                                                  meta_test_fraction, val_fraction, write_mp4, benchmark, glyph_images,
+                                                  glyph_background),
                           "benchmark": benchmark, "about": BENCHMARKS[benchmark],
                           "grammar": ({"paths": SYNTH_PATHS, "actions": SYNTH_ACTIONS, "partners": SYNTH_PARTNERS}
                                       if benchmark == "actions" else {"motions": GLYPH_MOTIONS,
-                                                                      "glyphs": "drawings" if drawings else "strokes"})},
+                                                                      "glyphs": "drawings" if drawings else "strokes",
+                                                                      "background": glyph_background})},
             # a flip turns a glyph into another glyph; the action classes are flip-symmetric
             "flip_changes_class": benchmark == "glyphs",
             "classes": names, "class_split": class_split, "empty_classes": [], "clips": entries}
@@ -1868,7 +1895,8 @@ def ensure_synthetic(out, **kw) -> str:
     benchmark = kw.get("benchmark", "actions")
     defaults = dict(n_classes=128 if benchmark == "actions" else GLYPHS * len(GLYPH_MOTIONS),
                     clips_per_class=SYNTH_CLIPS_PER_CLASS, frames=32, size=64, seed=0,
-                    meta_test_fraction=0.2, val_fraction=0.2, write_mp4=False, benchmark="actions", glyph_images=None)
+                    meta_test_fraction=0.2, val_fraction=0.2, write_mp4=False, benchmark="actions", glyph_images=None,
+                    glyph_background="paper")
     params = _synth_params(**{**defaults, **{k: v for k, v in kw.items() if k in defaults and v is not None}})
     try:
         cache = ClipCache(out)
@@ -2492,6 +2520,9 @@ def main(argv=None) -> int:
     s.add_argument("--glyph-images", default=None, metavar="DIR",
                    help="glyphs: draw real characters from a folder of <class>/<image> files (e.g. Omniglot's "
                         "images_background) instead of procedural strokes")
+    s.add_argument("--glyph-background", default="paper", choices=GLYPH_BACKGROUNDS,
+                   help="glyphs: dark ink on plain paper (default), or the action benchmark's coloured textures "
+                        "(a harder nuisance)")
     s.add_argument("--classes", type=int, default=None,
                    help="number of classes (default all: 128 actions, 120 glyphs; glyphs take a multiple of 5)")
     s.add_argument("--clips-per-class", type=int, default=SYNTH_CLIPS_PER_CLASS,
@@ -2547,7 +2578,8 @@ def main(argv=None) -> int:
             build_synthetic(args.out, n_classes=args.classes, clips_per_class=args.clips_per_class, frames=args.frames,
                             size=args.size, seed=args.seed, write_mp4=args.mp4, workers=args.workers,
                             meta_test_fraction=args.meta_test_fraction, val_fraction=args.val_fraction,
-                            benchmark=args.benchmark, glyph_images=args.glyph_images)
+                            benchmark=args.benchmark, glyph_images=args.glyph_images,
+                            glyph_background=args.glyph_background)
             print(ClipCache(args.out).summary())
         elif args.cmd == "prepare":
             prepare(args.source, args.out, size=args.size, fps=args.fps, frames=args.frames, workers=args.workers,

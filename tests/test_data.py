@@ -1300,8 +1300,14 @@ def test_glyph_benchmark_cache_says_flips_change_the_class(tmp_path):
                                                    verbose=False) and tmp_path / "a").flip_changes_class
     assert data.ensure_synthetic(tmp_path / "g", benchmark="glyphs", n_classes=10, clips_per_class=3, frames=4,
                                  size=16) == str(tmp_path / "g")  # same params: reused, not rebuilt
+    paper = data.render_glyph_clip("glyph00 spin", 0, 0, 2, 16)
+    textured = data.render_glyph_clip("glyph00 spin", 0, 0, 2, 16, background="textured")
+    corner = paper[0, 0, 0]  # a plain light page (no distractor in this clip's corner)
+    assert corner.min() >= 190 and (corner == corner[0]).all() and not np.array_equal(paper, textured)
+    assert meta["synthetic"]["grammar"]["background"] == "paper"
     for bad, match in ((dict(n_classes=12), "multiple of 5"), (dict(benchmark="nope"), "unknown benchmark"),
-                       (dict(benchmark="actions", glyph_images=tmp_path), "glyphs benchmark")):
+                       (dict(benchmark="actions", glyph_images=tmp_path), "glyphs benchmark"),
+                       (dict(glyph_background="marble"), "unknown glyph background")):
         with pytest.raises(DataError, match=match):
             data.build_synthetic(tmp_path / "bad", **{"benchmark": "glyphs", "n_classes": 10, **bad},
                                  clips_per_class=2, frames=4, size=8, verbose=False)
