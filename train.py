@@ -240,6 +240,7 @@ class Meter:
 
     def __init__(self, device):
         self.device = device
+        self.started, self.steps_done = time.time(), 0  # since the phase (re)started: for `run eta`
         self.reset()
 
     def reset(self) -> None:
@@ -261,8 +262,10 @@ class Meter:
         rec.update(extra)
         rec.update({"ms/step": 1000 * dt / steps, f"{unit}/s": self.items / max(dt, 1e-9),
                     "eta": stmeta.format_duration((total - step) * dt / steps)})
-        if RUN_ETA is not None and RUN_ETA.current is not None:  # the whole run's, in a run of several phases
-            rec["run eta"] = stmeta.format_duration(RUN_ETA.remaining((total - step) * dt / steps, dt / steps))
+        self.steps_done += steps
+        if RUN_ETA is not None and RUN_ETA.current is not None:  # the whole run's, in a run of several phases:
+            mean = (time.time() - self.started) / self.steps_done  # from the phase's mean step, not one window's
+            rec["run eta"] = stmeta.format_duration(RUN_ETA.remaining((total - step) * mean, mean))
         self.reset()
         return rec
 
