@@ -688,7 +688,7 @@ def encoder_name(ck: dict, cfg: stmeta.Config) -> str:
         return {"scratch": "ViT from scratch", "pixels": "pixels"}[cfg.meta.backbone]
     if ck.get("init"):
         return f"encoder of {os.path.basename(os.path.dirname(ck['init']))}/{os.path.basename(ck['init'])}"
-    return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder"
+    return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder, no labels"
 
 
 def run_budget(ck: dict, cfg: stmeta.Config) -> str:

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmark (--benchmark) under data_cache/, built on first use")
     p.add_argument("--benchmark", default=None, choices=sorted(data.BENCHMARKS),
                    help="the built-in benchmark used when no --data is given: " +
-                        "; ".join(f"{k}: {v}" for k, v in data.BENCHMARKS.items()) + " (default actions)")
+                        "; ".join(f"{k}: {v}" for k, v in data.BENCHMARKS.items()) + " (default glyphs)")
     p.add_argument("--preset", default=None, choices=sorted(stmeta.PRESETS),
                    help="paper: the paper's model and Tables 1-2 (default on CUDA); cpu: a small demo that runs "
                         "in minutes on a laptop CPU (default elsewhere); tiny: for tests")
@@ -172,7 +172,7 @@ def open_data(args, cfg: stmeta.Config, dist: stmeta.Dist) -> data.ClipCache:
         # frames for one clip of num_frames at the sampling rate, and at least 32.
         frames = max(32, enc.num_frames * cfg.data.sampling_rate)
         size = enc.img_size  # rendered at the model's input size: no resizing in the loader
-        benchmark = args.benchmark or "actions"
+        benchmark = args.benchmark or "glyphs"
         args.data = os.path.join("data_cache", f"{'synthetic' if benchmark == 'actions' else benchmark}-{size}px-{frames}f")
         if dist.is_main:
             print(f"data: the built-in {benchmark} benchmark in {args.data} (built on first use; --data DIR for your "

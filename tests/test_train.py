@@ -261,7 +261,7 @@ def test_stage3_on_cuda(tmp_path, tiny_data, extra):
     supported: generators, pinned copies and autocast on the device path, which CPU runs never touch."""
     out = os.path.join(str(tmp_path), "cuda")
     res = train.main(["--stage", "3", "--preset", "tiny", "--device", "cuda", "--data", tiny_data, "--out", out,
-                      "--log-every", "1", *extra])
+                      "--log-every", "1", "--meta.classify=true", *extra])
     assert 0 <= res["fewshot"]["mann"][1]["mean"] <= 1
     assert stmeta.load_checkpoint(os.path.join(out, "classify", "last.pt"))["kind"] == "classifier"
 
@@ -293,7 +293,7 @@ def test_resume_at_a_phase_boundary_equals_uninterrupted(tmp_path, tiny_data, ke
     accuracy: the skipped phase puts back the RNG state it ended with."""
     import shutil
 
-    extra = ["--meta.steps=4", "--meta.ckpt_every=2"]
+    extra = ["--meta.steps=4", "--meta.ckpt_every=2", "--meta.classify=true"]
     full, full_out = run(str(tmp_path), tiny_data, *extra, stage=3, name="full")
     cut_out = os.path.join(tmp_path, "cut")
     for phase in kept:  # what a kill at that boundary leaves on disk
@@ -435,7 +435,7 @@ def test_flips_follow_the_benchmark(tmp_path, capsys):
 def test_run_eta_counts_each_phase_as_its_loop_does(tmp_path, tiny_data, capsys):
     """phase_work's steps are the loops' own totals; every progress line of a run of several
     phases carries the whole run's ETA, and a one-phase run's lines do not."""
-    _, out = run(str(tmp_path), tiny_data, stage=3)
+    _, out = run(str(tmp_path), tiny_data, "--meta.classify=true", stage=3)
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("plan: 4 phase(s)") and "their steps alone about" in line for line in lines)
     progress = [line for line in lines if line.startswith("phase ") and "ms/step" in line]
