@@ -1190,6 +1190,7 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
     checkpoints are not in these steps; the running phase's measured steps rescale them."""
     enc, mc = cfg.model.encoder, cfg.meta
     state = torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None  # the MAE masks draw on it
 
     def per_step(model, loss_fn, batch, warmup: int = 2, steps: int = 2) -> float:
         step = evaluate.speed_step(model, loss_fn, models.make_optimizer(model, 1e-4, 0.05, 0.95), device, precision)
@@ -1253,6 +1254,8 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
                 out["evaluation"] = (time.perf_counter() - t0) / 20
                 out["evaluation embedding"] = out["embedding"]  # the held-out clips, once more
     torch.random.set_rng_state(state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
     return out
 
 
