@@ -458,5 +458,10 @@ def test_run_eta_counts_each_phase_as_its_loop_does(tmp_path, tiny_data, capsys)
     eta.current = "MANN meta-training"  # the embedding pass is behind it; the evaluation is not rescaled
     assert eta.remaining(1.0, 0.1) == pytest.approx(1 + 6)
 
+    before = torch.random.get_rng_state()  # the calibration leaves the run's random stream where it was
+    seconds = train.calibrate(plan, cfg, torch.device("cpu"), "fp32", n_classes=24)
+    assert torch.equal(torch.random.get_rng_state(), before) and all(v > 0 for v in seconds.values())
+    assert set(seconds) == set(work)
+
     _, one = run(str(tmp_path), tiny_data, stage=1, name="one")
     assert not any("run eta" in line for line in capsys.readouterr().out.splitlines())
