@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -783,6 +784,45 @@ def cmd_ablation(args) -> dict:
     print("\n".join(body[2:4 + len(arms)]))
     print(f"report: {path}")
     return {name: r for name, _, _, r in arms}
+
+
+# -----------------------------------------------------------------------------
+# labels: the semi-supervised sweep, accuracy against the fraction of meta-train labels
+
+
+def cmd_labels(args) -> dict:
+    """Each arm's held-out accuracy against the fraction of meta-train labels its MANN was
+    meta-trained with (`train.py --labeled-fraction F`; the MAE saw every clip, unlabelled), from
+    the runs' own final evaluations (eval.py fewshot: the same fixed episodes for every run).
+    Runs are grouped into arms by what they are (model and encoder)."""
+    arms: dict[str, list[tuple[float, dict]]] = {}
+    for run in args.runs:
+        ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
+        path = os.path.join(os.path.dirname(find_checkpoint(run, "last.pt")), "fewshot.json")
+        if not os.path.exists(path):
+            raise stmeta.Refused(f"{run}: no fewshot.json (run `python eval.py fewshot --run {run}` first)")
+        with open(path) as f:
+            res = {m: {int(k): v for k, v in r.items() if k.isdigit()} for m, r in json.load(f).items()}
+        what = describe_arm(ck, cfg)
+        arms.setdefault(f"{what['model']} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"]))
+    body = ["## Labels: accuracy against the fraction of meta-train labels (eval.py labels)\n",
+            "Each arm's MANN meta-trained with the given fraction of each meta-train class's labelled clips "
+            "(the MAE pretrained on every clip, without labels); held-out classes, the runs' own 1,000 fixed "
+            "episodes, mean +- 95% CI.\n",
+            "| arm | labels | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
+            "|---|--:|" + "--:|" * len(args.shots)]
+    for name, points in arms.items():
+        for frac, r in sorted(points, key=lambda p: -p[0]):
+            body.append(f"| {name} | {100 * frac:g}% | " + " | ".join(
+                f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
+    k = args.shots[0]
+    series = {name: ([100 * f for f, _ in sorted(pts)], [r[k]["mean"] if k in r else None for _, r in sorted(pts)])
+              for name, pts in arms.items()}
+    stmeta.line_chart(args.out, series, title=f"{k}-shot accuracy on held-out classes against the labels used",
+                      xlabel="% of meta-train labels", ylabel="accuracy", refs={"chance": 0.2}, y_from=0.0)
+    body.append(f"\n![labels sweep]({os.path.basename(args.out)})")
+    print("\n".join(body))
+    return {name: pts for name, pts in arms.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -1763,6 +1803,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
     sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
+    sp = sub.add_parser("labels", help="accuracy against the fraction of meta-train labels (--labeled-fraction runs)")
+    sp.add_argument("--runs", nargs="+", required=True, help="stage-3 runs, any arms, any --labeled-fraction")
+    sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
+    sp.add_argument("--out", default="labels.png", help="the chart (default labels.png)")
     sp = sub.add_parser("export", help="latent embedding of every clip to .npy, with labels in a .json")
     common(sp)
     sp.add_argument("--out", default=None, help="output .npy (default <run>/latents.npy)")
@@ -1773,7 +1817,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {"recon": cmd_recon, "classify": cmd_classify, "fewshot": cmd_fewshot, "ablation": cmd_ablation,
-                "export": cmd_export, "probe": cmd_probe, "speed": cmd_speed}
+                "export": cmd_export, "probe": cmd_probe, "speed": cmd_speed, "labels": cmd_labels}
     try:
         return handlers[args.cmd](args)
     except (stmeta.InputError, ValueError) as e:

@@ -232,6 +232,11 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     assert "Ablation" in report and "Few-shot" in report  # sections side by side
     assert os.path.exists(os.path.join(s3, "ablation_1shot.png"))
 
+    _, half = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", "--meta.steps=2", stage=3, name="s3half")
+    swept = evaluate.main(["labels", "--runs", s3, half, sc, "--out", os.path.join(s3, "labels.png")])
+    assert sorted(len(v) for v in swept.values()) == [1, 2]  # the MAE arm at 100% and 50%, the scratch arm
+    assert {f for v in swept.values() for f, _ in v} == {1.0, 0.5} and os.path.exists(os.path.join(s3, "labels.png"))
+
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
     import numpy as np
     z = np.load(os.path.join(s3, "latents.npy"))
