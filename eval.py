@@ -688,7 +688,10 @@ def encoder_name(ck: dict, cfg: stmeta.Config) -> str:
     if cfg.meta.backbone != "mae":
         return {"scratch": "ViT from scratch", "pixels": "pixels"}[cfg.meta.backbone]
     if ck.get("init"):
-        return f"encoder of {os.path.basename(os.path.dirname(ck['init']))}/{os.path.basename(ck['init'])}"
+        where = f"{os.path.basename(os.path.dirname(ck['init']))}/{os.path.basename(ck['init'])}"
+        kind = {"mae": "MAE encoder, no labels", "classifier": "encoder tuned on labels", "mann": "encoder of a stage-3 run",
+                "published": "published encoder"}.get(ck.get("init_kind"), "encoder")  # runs before init_kind: "encoder"
+        return f"{kind} ({where})" if kind != "encoder" else f"encoder of {where}"
     return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder, no labels"
 
 

@@ -284,7 +284,8 @@ def checkpoint(kind: str, cfg, model, optimizer, step: int, total: int, metrics:
     """One dict: enough to rebuild the model from `config` alone and to resume exactly.
     `data` and `init` say which clip cache the run read and where its weights started."""
     return {"kind": kind, "config": stmeta.config_to_dict(cfg), "model": unwrap(model).state_dict(),
-            "data": RUN_INFO.get("data"), "init": RUN_INFO.get("init"), "inputs": RUN_INFO.get("inputs"),
+            "data": RUN_INFO.get("data"), "init": RUN_INFO.get("init"), "init_kind": RUN_INFO.get("init_kind"),
+            "inputs": RUN_INFO.get("inputs"),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": {"step": step, "total": total}, "step": step, "total": total,
             "metrics": metrics, "rng": stmeta.rng_state(), "torch_version": str(torch.__version__),
@@ -1006,6 +1007,7 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
                 raise stmeta.Refused(f"{path}: this stage-3 run's backbone has no encoder weights "
                                  f"(backbone {ck['config']['meta']['backbone']!r})")
         check_fits(path, model_cfg, state)
+        RUN_INFO["init_kind"] = ck["kind"]
         return model_cfg, state, f"our {ck['kind']} checkpoint (step {ck.get('step')})"
     fit = {}
     if run_cfg is not None:
@@ -1018,6 +1020,7 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
     model_cfg, state, report = models.load_published(path, ck, **fit)
     if dist.is_main:
         print(report)
+    RUN_INFO["init_kind"] = "published"
     return model_cfg, state, "a published video MAE checkpoint"
 
 
@@ -1097,6 +1100,7 @@ def prepare_run(args, overrides, dist, device_name):
         raise stmeta.Refused("--stop-after and --log-every take 0 (off) or a positive number of steps")
     source = args.init if args.stage == 1 else args.pretrained
     source_state = None
+    RUN_INFO["init_kind"] = None  # load_source sets it: what the --init / --pretrained file was
     if args.init and args.stage != 1:
         raise stmeta.Refused("--init is for stage 1; stages 2 and 3 take --pretrained")
     if args.pretrained and args.stage == 1:

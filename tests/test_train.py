@@ -55,6 +55,13 @@ def test_stage1_from_scratch_then_init_from_it(tmp_path, tiny_data):
     res2, out2 = run(str(tmp_path), tiny_data, "--init", os.path.join(out, "last.pt"), stage=1, name="again")
     # starting from the trained model: its starting loss is the first run's final loss (same val clips)
     assert res2["start_val_loss"] == pytest.approx(res["val_loss"], rel=1e-4)
+    # a stage-3 arm on that MAE is named by what its encoder is, and the next run does not inherit it
+    _, arm = run(str(tmp_path), tiny_data, "--pretrained", os.path.join(out, "last.pt"), "--meta.steps=2", stage=3,
+                 name="arm")
+    ck = stmeta.load_checkpoint(os.path.join(arm, "last.pt"))
+    assert ck["init_kind"] == "mae" and evaluate.encoder_name(ck, stmeta.Config()) == "MAE encoder, no labels (run/last.pt)"
+    _, plain = run(str(tmp_path), tiny_data, "--meta.steps=2", stage=3, name="plain")
+    assert stmeta.load_checkpoint(os.path.join(plain, "last.pt"))["init_kind"] is None
 
 
 def test_stage2_pretrains_then_classifies(tmp_path, tiny_data):
