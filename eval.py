@@ -35,6 +35,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -765,10 +766,10 @@ def cmd_ablation(args) -> dict:
                 + f" | {100 * r['mean']:.1f} +- {100 * r['ci95']:.1f} |")
         charts = [(f"ablation_{stmeta.ordinal(i)}.png", f"{stmeta.ordinal(i)} presentation", i - 1) for i in (1, 2)]
         for png, title, i in charts:
-            stmeta.bar_chart(os.path.join(folder, png), [a[0] for a in arms], [a[3]["per_instance"][i] for a in arms],
-                             [a[3]["per_instance_ci95"][i] for a in arms],
+            stmeta.bar_chart(os.path.join(folder, png), [chart_label(a[0]) for a in arms],
+                             [a[3]["per_instance"][i] for a in arms], [a[3]["per_instance_ci95"][i] for a in arms],
                              title=f"{mc.n_way}-way, held-out classes: accuracy at the {title}", ylabel="accuracy",
-                             hline=1 / mc.n_way, hline_label="chance", size=(760, 420))
+                             hline=1 / mc.n_way, hline_label="chance", size=(max(760, 80 * len(arms) + 120), 440))
             body.append(f"\n![{title}]({png})")
     else:
         body += ["| arm | made by | budget | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
@@ -779,9 +780,10 @@ def cmd_ablation(args) -> dict:
                 for k in args.shots) + " |")
         for k in args.shots:
             png = f"ablation_{k}shot.png"
-            stmeta.bar_chart(os.path.join(folder, png), [a[0] for a in arms], [a[3][k]["mean"] for a in arms],
+            stmeta.bar_chart(os.path.join(folder, png), [chart_label(a[0]) for a in arms], [a[3][k]["mean"] for a in arms],
                              [a[3][k]["ci95"] for a in arms], title=f"{mc.n_way}-way {k}-shot, held-out classes",
-                             ylabel="accuracy", hline=1 / mc.n_way, hline_label="chance", size=(760, 420))
+                             ylabel="accuracy", hline=1 / mc.n_way, hline_label="chance",
+                             size=(max(760, 80 * len(arms) + 120), 440))
             body.append(f"\n![{k}-shot ablation]({png})")
     path = update_report(folder, "ablation", "\n".join(body), run_header(both_ck, both_cfg, cache, dev))
     print("\n".join(body[2:4 + len(arms)]))
@@ -881,6 +883,20 @@ def pixel_features(cache, cfg: stmeta.Config, indices: np.ndarray, kind: str, si
 FLOORS = {"frame": "floor: middle frame's pixels, 8 x 8",
           "motion": "floor: mean frame + mean abs frame difference, 8 x 8 each",
           "edges": "floor: grey gradient magnitude averaged over the clip, 8 x 8"}
+
+
+FLOORS_SHORT = {"frame": "floor: one frame", "motion": "floor: motion stats", "edges": "floor: edges"}
+
+
+def chart_label(name: str) -> str:
+    """An arm's name short enough for a bar of the ablation chart (the table keeps the long one)."""
+    for kind, long in FLOORS.items():
+        name = name.replace(long, FLOORS_SHORT[kind])
+    name = re.sub(r" \([^()]*\.pt\)", "", re.sub(r"encoder of [^ ]*\.pt", "encoder", name))  # file names
+    for long, short in (("nearest class mean", "NCM"), ("logistic regression", "logreg"), ("representation only: ", ""),
+                        ("meta-learning only: ", "meta-only: "), ("MANN (LRUA)", "MANN"), ("MANN (NTM)", "MANN")):
+        name = name.replace(long, short)
+    return name
 
 
 def floor_features(cache, cfg: stmeta.Config, indices: np.ndarray) -> dict[str, torch.Tensor]:

@@ -477,3 +477,11 @@ def test_run_eta_counts_each_phase_as_its_loop_does(tmp_path, tiny_data, capsys)
 
     _, one = run(str(tmp_path), tiny_data, stage=1, name="one")
     assert not any("run eta" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_ablation_chart_labels_are_short():
+    assert evaluate.chart_label("floor: mean frame + mean abs frame difference, 8 x 8 each + nearest class mean") == \
+        "floor: motion stats + NCM"
+    assert evaluate.chart_label("both: MANN (LRUA) on MAE encoder, no labels (glyph-mae/last.pt)") == \
+        "both: MANN on MAE encoder, no labels"
+    assert evaluate.chart_label("LSTM, no memory on encoder of mae/last.pt") == "LSTM, no memory on encoder"
