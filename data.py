@@ -1576,8 +1576,11 @@ def _image_glyph(path: str) -> np.ndarray:
     centred in a square with a margin."""
     from PIL import Image, ImageFilter
 
-    with Image.open(path) as im:
-        x = np.asarray(im.convert("L"), dtype=np.float64) / 255
+    try:
+        with Image.open(path) as im:
+            x = np.asarray(im.convert("L"), dtype=np.float64) / 255
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if np.median(x) > 0.5:  # dark ink on a light page
         x = 1 - x
     ys, xs = np.nonzero(x > 0.5)
@@ -1705,7 +1708,22 @@ def read_glyph_images(root, n_glyphs: int, seed: int) -> dict[str, list[str]]:
         raise DataError(f"{root}: {len(by_class)} classes of images, the glyph benchmark asked for {n_glyphs}")
     names = sorted(by_class)
     pick = sorted(np.random.default_rng(seed).choice(len(names), n_glyphs, replace=False))
-    return {names[i]: sorted(by_class[names[i]]) for i in pick}
+    chosen, bad = {}, []
+    for i in pick:  # every drawing read once here: a bad file is skipped and reported, not met mid-build
+        good = []
+        for path in sorted(by_class[names[i]]):
+            try:
+                _image_glyph(path)
+                good.append(path)
+            except DataError as e:
+                bad.append(str(e))
+        if not good:
+            raise DataError(f"{root}: character {names[i]!r} has no usable drawing ({bad[-1]})")
+        chosen[names[i]] = good
+    if bad:
+        print(f"glyph images: skipped {len(bad)} unusable drawing(s): " + "; ".join(bad[:3])
+              + (" ..." if len(bad) > 3 else ""))
+    return chosen
 
 
 def _synth_split(names: list[str], meta_test_fraction: float, seed: int) -> list[str]:

@@ -1313,7 +1313,7 @@ def test_glyph_benchmark_cache_says_flips_change_the_class(tmp_path):
                                  clips_per_class=2, frames=4, size=8, verbose=False)
 
 
-def test_glyph_benchmark_draws_real_characters_from_images(tmp_path):
+def test_glyph_benchmark_draws_real_characters_from_images(tmp_path, capsys):
     """glyph_images: each clip a random drawing of its character (dark ink on light paper here)."""
     rng = np.random.default_rng(0)
     for c in range(3):
@@ -1322,6 +1322,7 @@ def test_glyph_benchmark_draws_real_characters_from_images(tmp_path):
             page[5 + 3 * c: 25, 8 + k: 11 + k] = 0  # a bar, different for each character
             write_image(tmp_path / "chars" / "alphabet" / f"character{c:02d}" / f"{k}.png", page)
     write_image(tmp_path / "chars" / "alphabet" / "character02" / "blank.png", np.full((30, 30), 255, np.uint8))
+    (tmp_path / "chars" / "alphabet" / "character01" / "broken.png").write_bytes(b"\x89PNG not really")
     meta = data.build_synthetic(tmp_path / "g", benchmark="glyphs", glyph_images=tmp_path / "chars", n_classes=10,
                                 clips_per_class=2, frames=3, size=16, verbose=False, workers=1, seed=1)
     chars = {n.rsplit(" ", 1)[0] for n in meta["classes"]}
@@ -1331,6 +1332,13 @@ def test_glyph_benchmark_draws_real_characters_from_images(tmp_path):
     assert clips.shape == (20, 3, 16, 16, 3) and clips.std() > 0
     with pytest.raises(DataError, match="blank.png: no ink"):
         data._image_glyph(str(tmp_path / "chars" / "alphabet" / "character02" / "blank.png"))
+    with pytest.raises(DataError, match="broken.png: not a readable image"):
+        data._image_glyph(str(tmp_path / "chars" / "alphabet" / "character01" / "broken.png"))
+    drawings = data.read_glyph_images(tmp_path / "chars", 3, seed=0)  # the bad files skipped, and said
+    assert sorted(len(v) for v in drawings.values()) == [2, 2, 2] and "skipped 2 unusable" in capsys.readouterr().out
+    write_image(tmp_path / "only_blank" / "a" / "0.png", np.full((30, 30), 255, np.uint8))
+    with pytest.raises(DataError, match="'a' has no usable drawing"):
+        data.read_glyph_images(tmp_path / "only_blank", 1, seed=0)
     with pytest.raises(DataError, match="3 classes of images.*asked for 4"):
         data.build_synthetic(tmp_path / "g2", benchmark="glyphs", glyph_images=tmp_path / "chars", n_classes=20,
                              clips_per_class=2, frames=3, size=16, verbose=False)
