@@ -1228,7 +1228,7 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
             sampler = data.EpisodeSampler(labels, np.arange(len(labels)), list(range(2 * mc.n_way)), mc.n_way,
                                           mc.k_shot, mc.n_query, mc.layout, mc.seq_shots)
             ep = sampler.sample(mc.batch_size, torch.Generator().manual_seed(0)).to(device)
-            cached = mc.backbone == "pixels" or (mc.freeze_backbone and not (mc.rotate_classes or mc.max_shift))
+            cached = not loads_clips(cfg)
             if cached:  # the table of embeddings the episodes index
                 table = torch.randn(len(labels), backbone.out_dim, device=device)
                 backbone.requires_grad_(False)
@@ -1237,7 +1237,7 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
                 clips = evaluate.speed_video(ep.clips.numel(), enc, device)
                 backbone.requires_grad_(not mc.freeze_backbone)
                 loss = lambda m, v: models.episode_loss(m, m.backbone(v).view(*ep.clips.shape, -1), ep)[0]  # noqa
-            out[name] = mc.accum_steps * per_step(model, loss, None if cached else clips)
+            out[name] = mc.accum_steps * per_step(model, loss, None if cached else clips, steps=5 if cached else 2)
             with torch.no_grad():  # a frozen backbone's one pass over every clip, per clip
                 video = evaluate.speed_video(64, enc, device)
                 t0 = time.perf_counter()
@@ -1263,14 +1263,27 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
     return out
 
 
+def loads_clips(cfg: stmeta.Config) -> bool:
+    """Whether the MANN phase's steps read clips through the loader (end to end, or a frozen
+    backbone on augmented episodes) rather than a table of cached embeddings or pixels."""
+    mc = cfg.meta
+    return not (mc.backbone == "pixels" or (mc.freeze_backbone and not (mc.rotate_classes or mc.max_shift)))
+
+
 class RunETA:
     """What is left of the whole run: the running phase's own ETA (its measured steps), plus
-    every later phase's estimate x (measured / calibrated step time of the running phase)."""
+    every later phase's estimate, x (measured / calibrated step time of the running phase) for
+    the later phases that load clips as the running one does (the loader's share of a step is
+    what the calibration leaves out), as calibrated for the others."""
 
-    def __init__(self, plan: list[str], work: dict[str, int], unit_seconds: dict[str, float]):
+    def __init__(self, plan: list[str], work: dict[str, int], unit_seconds: dict[str, float],
+                 loading: set[str] | None = None):
         self.plan, self.current = plan, None
         self.estimate = {k: work[k] * unit_seconds.get(k, 0.0) for k in work}
         self.unit = unit_seconds
+        # the phases whose steps read clips through the loader (and the frozen MANN's embedding pass)
+        self.loading = {"MAE pretraining", "MAE reconstruction", "classification", "embedding"} \
+            if loading is None else loading
 
     def total(self) -> float:
         return sum(self.estimate.values())
@@ -1279,12 +1292,12 @@ class RunETA:
         k = self.plan.index(self.current)
         calibrated = self.unit.get(self.current, 0.0)
         scale = min(max(step_seconds / calibrated, 0.5), 4.0) if calibrated > 0 else 1.0
-        later = self.plan[k + 1:]
-        training = sum(self.estimate.get(p, 0.0) for p in later if p != "evaluation")
-        if "MANN meta-training" in later:
-            training += self.estimate.get("embedding", 0.0)
+        later = [p for p in self.plan[k + 1:] if p != "evaluation"] + \
+            (["embedding"] if "MANN meta-training" in self.plan[k + 1:] else [])
+        alike = (self.current in self.loading)
+        training = sum(self.estimate.get(p, 0.0) * (scale if (p in self.loading) == alike else 1.0) for p in later)
         evaluation = self.estimate.get("evaluation", 0.0) + self.estimate.get("evaluation embedding", 0.0)
-        return phase_left + training * scale + (evaluation if "evaluation" in later else 0.0)
+        return phase_left + training + (evaluation if "evaluation" in self.plan[k + 1:] else 0.0)
 
 
 RUN_ETA: RunETA | None = None  # set by run() for runs of more than one phase; read by Meter
@@ -1313,8 +1326,10 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
         t0 = time.time()
         n_classes = len(cache.classes_in("meta_train")) if args.stage == 3 or args.classes != "all" else \
             len(cache.classes)
+        loading = {"MAE pretraining", "MAE reconstruction", "classification", "embedding"} | \
+            ({"MANN meta-training"} if loads_clips(cfg) else set())
         RUN_ETA = RunETA(plan, phase_work(plan, args, cfg, cache, dist.world_size),
-                         calibrate(plan, cfg, device, precision, max(n_classes, 2)))
+                         calibrate(plan, cfg, device, precision, max(n_classes, 2)), loading)
         estimate = (f"; their steps alone about {stmeta.format_duration(RUN_ETA.total())} (each timed here in "
                     f"{time.time() - t0:.0f} s; `run eta` on the progress lines adds loading and validation)")
     if dist.is_main:
