@@ -1153,8 +1153,9 @@ def prepare_run(args, overrides, dist, device_name):
 
 
 # -----------------------------------------------------------------------------
-# The whole run's ETA: each planned phase's work x its step time measured at the start, each
-# later phase rescaled by how far the running phase's measured steps are from its calibration
+# The whole run's ETA: each planned phase's work x its step time measured at the start; the
+# later phases that load clips as the running one does are rescaled by how far its measured
+# steps are from its calibration (the loader's share, which the calibration leaves out)
 
 
 def schedule(n_clips: int, batch: int, world: int, epochs: int, max_steps: int, accum: int,
@@ -1188,10 +1189,11 @@ def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> 
 
 
 def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_classes: int) -> dict[str, float]:
-    """Seconds per unit of phase_work on this machine now: 2 warm-up and 2 timed steps of a
-    throwaway copy of each phase's model on random inputs of the run's batch sizes (the global
-    RNG is saved and restored, so the run itself is unchanged). Loading, validation and
-    checkpoints are not in these steps; the running phase's measured steps rescale them."""
+    """Seconds per unit of phase_work on this machine now: 2 warm-up and 2 timed steps (5 for
+    the cheap cached-embedding MANN step) of a throwaway copy of each phase's model on random
+    inputs of the run's batch sizes (the CPU and CUDA generators are saved and restored, so the
+    run itself is unchanged). Loading, validation and checkpoints are not in these steps; see
+    RunETA for how the running phase's measured steps correct for them."""
     enc, mc = cfg.model.encoder, cfg.meta
     state = torch.random.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None  # the MAE masks draw on it
