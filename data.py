@@ -1419,12 +1419,17 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (r2 <= 1) & (r2 >= 0.3)  # ring
 
 
-def _bright_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated colour (objects) as uint8 RGB, via HSV."""
-    h, s, v = rng.uniform(0, 6), rng.uniform(0.6, 1), rng.uniform(0.75, 1)
+def _hsv_colour(rng: np.random.Generator, saturation: tuple, value: tuple) -> np.ndarray:
+    """A colour of random hue, saturation and value drawn from the given ranges: (3,) uint8 RGB."""
+    h, s, v = rng.uniform(0, 6), rng.uniform(*saturation), rng.uniform(*value)
     k = (np.array([5.0, 3.0, 1.0]) + h) % 6
     rgb = v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
     return (rgb * 255).astype(np.uint8)
+
+
+def _bright_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour (objects)."""
+    return _hsv_colour(rng, (0.6, 1), (0.75, 1))
 
 
 def _synth_background(L: int, rng: np.random.Generator) -> np.ndarray:
@@ -1651,11 +1656,8 @@ def _glyph_motion(kind: str, t: np.ndarray, L: float, rng: np.random.Generator):
 
 
 def _ink_colour(rng: np.random.Generator) -> np.ndarray:
-    """A dark ink (uint8 RGB, via HSV): blue-black, brown, green-black, ..."""
-    h, s, v = rng.uniform(0, 6), rng.uniform(0.3, 0.8), rng.uniform(0.1, 0.4)
-    k = (np.array([5.0, 3.0, 1.0]) + h) % 6
-    rgb = v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
-    return (rgb * 255).astype(np.uint8)
+    """A dark ink: blue-black, brown, green-black, ..."""
+    return _hsv_colour(rng, (0.3, 0.8), (0.1, 0.4))
 
 
 GLYPH_BACKGROUNDS = ("paper", "textured")
@@ -1789,11 +1791,16 @@ def refuse_to_replace(out: Path) -> None:
                         f"{', ...' if len(other) > 3 else ''}): choose another --out")
 
 
-BENCHMARKS = {  # the built-in benchmarks: what defines a class, their default size, flips
+BENCHMARKS = {  # the built-in benchmarks: what defines a class, how many, whether a flip keeps it
     "actions": "motion only: a path x an action x a partner (128 classes); flips keep the class",
     "glyphs": f"appearance and motion: {GLYPHS} stroke glyphs x {len(GLYPH_MOTIONS)} motions "
               f"({GLYPHS * len(GLYPH_MOTIONS)} classes), ink on paper; a flip makes another glyph",
 }
+
+
+def default_classes(benchmark: str) -> int:
+    """How many classes a built-in benchmark has in all (what n_classes=None builds)."""
+    return len(synth_class_names()) if benchmark == "actions" else GLYPHS * len(GLYPH_MOTIONS)
 
 
 def benchmark_names(benchmark: str, n_classes: int | None, seed: int, glyph_images=None):
@@ -1806,13 +1813,13 @@ def benchmark_names(benchmark: str, n_classes: int | None, seed: int, glyph_imag
     drawings = None
     if benchmark == "actions":
         names_all = synth_class_names()
-        n_classes = n_classes or len(names_all)
+        n_classes = n_classes or default_classes(benchmark)
         if not 2 <= n_classes <= len(names_all):
             raise DataError(f"the synthetic grammar has {len(names_all)} classes; n_classes must be "
                             f"2..{len(names_all)}, got {n_classes}")
     else:
         n_motions = len(GLYPH_MOTIONS)
-        n_classes = n_classes or GLYPHS * n_motions
+        n_classes = n_classes or default_classes(benchmark)
         if n_classes < n_motions or n_classes % n_motions:
             raise DataError(f"the glyph benchmark's classes are glyphs x {n_motions} motions: n_classes must be a "
                             f"multiple of {n_motions}, got {n_classes}")
@@ -1911,7 +1918,7 @@ def ensure_synthetic(out, **kw) -> str:
     """The synthetic cache at `out`, built if missing, incomplete or made with other settings;
     otherwise returned at once. train.py calls this when no --data is given."""
     benchmark = kw.get("benchmark", "actions")
-    defaults = dict(n_classes=128 if benchmark == "actions" else GLYPHS * len(GLYPH_MOTIONS),
+    defaults = dict(n_classes=default_classes(benchmark),
                     clips_per_class=SYNTH_CLIPS_PER_CLASS, frames=32, size=64, seed=0,
                     meta_test_fraction=0.2, val_fraction=0.2, write_mp4=False, benchmark="actions", glyph_images=None,
                     glyph_background="paper")

@@ -743,7 +743,7 @@ def cmd_ablation(args) -> dict:
     rep = "representation only: " if both_cfg.meta.backbone == "mae" else ""
     if sequence:
         arms.append(("label counting (never looks at the input)", "-", "computed", res["label_count"]))
-    if not sequence:  # the floors every representation must beat, on the same episodes
+    else:  # the floors every representation must beat, on the same episodes
         for name, emb in floor_features(cache, both_cfg, pool).items():
             r = evaluate_methods(None, emb, cache, both_cfg, args.shots, episodes, ("ncm", "logreg"))
             arms += [(f"{name} + nearest class mean", "-", "-", r["ncm"]),
@@ -801,6 +801,7 @@ def cmd_labels(args) -> dict:
     the runs' own final evaluations (eval.py fewshot: the same fixed episodes for every run).
     Runs are grouped into arms by what they are (model and encoder)."""
     arms: dict[str, list[tuple[float, dict]]] = {}
+    n_way = None
     for run in args.runs:
         ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
         path = os.path.join(os.path.dirname(find_checkpoint(run, "last.pt")), "fewshot.json")
@@ -808,8 +809,13 @@ def cmd_labels(args) -> dict:
             raise stmeta.Refused(f"{run}: no fewshot.json (run `python eval.py fewshot --run {run}` first)")
         with open(path) as f:
             res = {m: {int(k): v for k, v in r.items() if k.isdigit()} for m, r in json.load(f).items()}
+        if n_way not in (None, cfg.meta.n_way):
+            raise stmeta.Refused(f"{run} is {cfg.meta.n_way}-way and an earlier run {n_way}-way: one sweep, one episode shape")
+        n_way = cfg.meta.n_way
         what = describe_arm(ck, cfg)
         arms.setdefault(f"{what['model']} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"]))
+    for points in arms.values():
+        points.sort(key=lambda p: p[0])  # by fraction (two runs at one fraction are both drawn)
     body = ["## Labels: accuracy against the fraction of meta-train labels (eval.py labels)\n",
             "Each arm's MANN meta-trained with the given fraction of each meta-train class's labelled clips "
             "(the MAE pretrained on every clip, without labels); held-out classes, the runs' own 1,000 fixed "
@@ -817,14 +823,14 @@ def cmd_labels(args) -> dict:
             "| arm | labels | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
             "|---|--:|" + "--:|" * len(args.shots)]
     for name, points in arms.items():
-        for frac, r in sorted(points, key=lambda p: -p[0]):
+        for frac, r in reversed(points):
             body.append(f"| {name} | {100 * frac:g}% | " + " | ".join(
                 f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
     k = args.shots[0]
-    series = {name: ([100 * f for f, _ in sorted(pts)], [r[k]["mean"] if k in r else None for _, r in sorted(pts)])
+    series = {name: ([100 * f for f, _ in pts], [r[k]["mean"] if k in r else None for _, r in pts])
               for name, pts in arms.items()}
     stmeta.line_chart(args.out, series, title=f"{k}-shot accuracy on held-out classes against the labels used",
-                      xlabel="% of meta-train labels", ylabel="accuracy", refs={"chance": 0.2}, y_from=0.0)
+                      xlabel="% of meta-train labels", ylabel="accuracy", refs={"chance": 1 / n_way}, y_from=0.0)
     body.append(f"\n![labels sweep]({os.path.basename(args.out)})")
     print("\n".join(body))
     return {name: pts for name, pts in arms.items()}
@@ -906,8 +912,8 @@ def floor_features(cache, cfg: stmeta.Config, indices: np.ndarray) -> dict[str, 
 
 def cmd_probe(args) -> dict:
     """Nearest class mean and logistic regression on a run's frozen encoder features (mean of
-    its tokens, the encoder's final norm: what stage 3 feeds the MANN), and on the two pixel
-    floors, on the same fixed held-out episodes. A representation that does not beat the floors
+    its tokens, the encoder's final norm: what stage 3 feeds the MANN), and on the pixel floors
+    (FLOORS), on the same fixed held-out episodes. A representation that does not beat the floors
     does not carry the class."""
     ck, cfg, folder = load_run(args.run, ("mae", "classifier", "mann"))
     device = stmeta.pick_device(args.device, verbose=False)

@@ -459,6 +459,32 @@ def validate_mae(m, val_ds, batch: int, cfg, device, precision: str) -> float:
 
 
 
+def pretrain_pool(cache, cfg: stmeta.Config, train_classes: str | None) -> tuple[np.ndarray, str]:
+    """The clips MAE pretraining sees (labels unused) and the pool's name: stage 2 with
+    --classes all pretrains on every clip (train_classes None); otherwise --pretrain.pool decides."""
+    pool = "all" if train_classes is None else cfg.pretrain.pool
+    return cache.pretrain_pool(pool), pool
+
+
+def classifier_clips(cache, cfg: stmeta.Config, classes: str) -> tuple[list[int], np.ndarray]:
+    """The classes a classification phase learns (every class, or the meta-train ones) and its
+    labelled train clips (a --labeled-fraction of each class's)."""
+    class_ids = list(range(len(cache.classes))) if classes == "all" else cache.classes_in("meta_train")
+    train_idx = cache.indices(clip_split="train", class_split=None if classes == "all" else "meta_train")
+    return class_ids, data.labelled_subset(cache, train_idx, cfg.data.labeled_fraction, cfg.seed)
+
+
+def mann_inputs(cfg: stmeta.Config) -> str:
+    """What feeds the MANN at each step: "embeddings", every clip through a frozen backbone once
+    (a table the episodes index); "clips", every clip at the input, held in memory (a frozen
+    backbone on augmented episodes, which must see each step's turned and shifted clips); or
+    "loader", each step's clips prepared by loader workers (the backbone trained end to end)."""
+    mc = cfg.meta
+    if not (mc.freeze_backbone or mc.backbone == "pixels"):
+        return "loader"
+    return "clips" if mc.rotate_classes or mc.max_shift > 0 else "embeddings"
+
+
 def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
               init_state: dict | None = None, train_classes: str = "meta_train") -> dict:
     """Masked-autoencoder training on train clips; validation loss on held-out (meta-test)
@@ -473,12 +499,12 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
 
     # -- data: the pretraining pool (labels unused), val clips of held-out classes
     # (stage 2 with --classes all pretrains on every clip; otherwise --pretrain.pool decides)
-    train_idx = cache.pretrain_pool("all" if train_classes is None else pc.pool)
+    train_idx, pool = pretrain_pool(cache, cfg, train_classes)
     if dist.is_main:
         n_unl = int((cache.labels[train_idx] < 0).sum())
-        print(f"MAE pretraining pool ({'all' if train_classes is None else pc.pool}): {len(train_idx)} clips, "
+        print(f"MAE pretraining pool ({pool}): {len(train_idx)} clips, "
               f"{n_unl} of them unlabelled" + (", held-out classes included (transductive)"
-                                               if (train_classes is None or pc.pool == "all") else
+                                               if pool == "all" else
                                                "; held-out classes' clips not used"))
     val_idx = cache.indices(class_split="meta_test", labelled_only=False)
     if len(val_idx) == 0:
@@ -613,10 +639,8 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
 
     # -- data: labelled train clips of the classes (a --labeled-fraction of them), their val clips
     class_split = None if classes == "all" else "meta_train"
-    class_ids = list(range(len(cache.classes))) if classes == "all" else cache.classes_in("meta_train")
+    class_ids, train_idx = classifier_clips(cache, cfg, classes)
     label_map = {c: i for i, c in enumerate(class_ids)}
-    train_idx = cache.indices(clip_split="train", class_split=class_split)
-    train_idx = data.labelled_subset(cache, train_idx, cfg.data.labeled_fraction, cfg.seed)
     val_idx = cache.indices(clip_split="val", class_split=class_split)
     ds_kw = dict(num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate, size=enc.img_size,
                  label_map=label_map)
@@ -837,7 +861,8 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         backbone.vit.load_state_dict(encoder_state)
     mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way)
     model = models.MetaLearner(backbone, mann, input_norm=mc.input_norm).to(device)  # one state dict
-    frozen = mc.freeze_backbone or mc.backbone == "pixels"
+    feed = mann_inputs(cfg)
+    frozen = feed != "loader"
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [{"params": head, "lr_scale": 1.0, "weight_decay": mc.weight_decay}]
     if frozen:
@@ -857,8 +882,9 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     #   inputs  (N, C, T, H, W) every clip at the input, once: pixels whose episodes are augmented
     #           (rotated classes, translations), which must go through the backbone at every step
     #   clips_iter  end to end: DataLoader workers prepare each step's clips ahead of time
+    # (mann_inputs says which: "embeddings", "clips", "loader")
     emb = inputs = clips_iter = None
-    if frozen and not augment:
+    if feed == "embeddings":
         # kept across a resume, and reused only by a run with the same config and inputs
         emb_path = os.path.join(folder, "embeddings.pt")
         made_by = {"config": stmeta.config_to_dict(cfg), "inputs": RUN_INFO.get("inputs")}
@@ -872,7 +898,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                                                   "made_by": made_by})
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
-    elif frozen:
+    elif feed == "clips":
         inputs = clip_table(cache, cfg, device)
         if dist.is_main:
             print(f"backbone: {mc.backbone} ({backbone.out_dim} features), computed at every step from "
@@ -1130,7 +1156,9 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
     if args.stage == 3:
         episode_samplers(cfg, cache)  # the episode shape against the data, before any phase spends time
-    flip_given = any(o[2:].split("=", 1)[0].replace("-", "_") in ("data.hflip", "hflip") for o in overrides)
+    # overrides were applied (and their keys checked) by resolve_config
+    flip_given = any(stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) == "data.hflip"
+                     for o in overrides)
     if cache.flip_changes_class and cfg.data.hflip and not flip_given:
         cfg.data.hflip = False  # the default follows the data: a flipped glyph is another glyph
         if dist.is_main:
@@ -1165,6 +1193,12 @@ def schedule(n_clips: int, batch: int, world: int, epochs: int, max_steps: int, 
     return per_epoch, (max_steps or epochs * per_epoch) // accum, warmup_epochs * per_epoch // accum
 
 
+def classifier_classes(args) -> str:
+    """What a run's classification phase classifies: stage 2's --classes; stage 3's always the
+    meta-train classes (its held-out classes' labels are never used)."""
+    return args.classes if args.stage == 2 else "meta_train"
+
+
 def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> dict[str, int]:
     """Optimizer steps of each training phase, as its loop will count them; clips embedded
     (a frozen MANN's one pass) and episodes scored (the evaluation) for the others."""
@@ -1172,16 +1206,14 @@ def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> 
     work = {}
     for name in plan:
         if name in ("MAE pretraining", "MAE reconstruction"):
-            pool = cache.pretrain_pool("all" if (args.stage == 2 and args.classes == "all") else pc.pool)
+            pool, _ = pretrain_pool(cache, cfg, None if args.stage == 2 and args.classes == "all" else "meta_train")
             work[name] = schedule(len(pool), pc.batch_size, world, pc.epochs, pc.max_steps, pc.accum_steps, 0)[1]
         elif name == "classification":
-            split = "meta_train" if args.stage == 3 or args.classes != "all" else None
-            idx = data.labelled_subset(cache, cache.indices(clip_split="train", class_split=split),
-                                       cfg.data.labeled_fraction, cfg.seed)
+            _, idx = classifier_clips(cache, cfg, classifier_classes(args))
             work[name] = schedule(len(idx), ft.batch_size, world, ft.epochs, ft.max_steps, ft.accum_steps, 0)[1]
         elif name == "MANN meta-training":
             work[name] = mc.steps
-            work["embedding"] = len(cache.labels) if mc.freeze_backbone and mc.backbone != "pixels" else 0
+            work["embedding"] = len(cache.labels) if mann_inputs(cfg) == "embeddings" else 0
         elif name == "evaluation":
             work[name] = mc.test_episodes
             work["evaluation embedding"] = len(cache.indices(class_split="meta_test"))
@@ -1230,12 +1262,12 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
             sampler = data.EpisodeSampler(labels, np.arange(len(labels)), list(range(2 * mc.n_way)), mc.n_way,
                                           mc.k_shot, mc.n_query, mc.layout, mc.seq_shots)
             ep = sampler.sample(mc.batch_size, torch.Generator().manual_seed(0)).to(device)
-            cached = not loads_clips(cfg)
+            cached = mann_inputs(cfg) == "embeddings"
             if cached:  # the table of embeddings the episodes index
                 table = torch.randn(len(labels), backbone.out_dim, device=device)
                 backbone.requires_grad_(False)
                 loss = lambda m, _: models.episode_loss(m, table[ep.clips], ep)[0]  # noqa: E731
-            else:  # every step's clips through the backbone (trained end to end, or augmented)
+            else:  # every step's clips through the backbone (trained end to end, or on augmented clips)
                 clips = evaluate.speed_video(ep.clips.numel(), enc, device)
                 backbone.requires_grad_(not mc.freeze_backbone)
                 loss = lambda m, v: models.episode_loss(m, m.backbone(v).view(*ep.clips.shape, -1), ep)[0]  # noqa
@@ -1265,11 +1297,8 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
     return out
 
 
-def loads_clips(cfg: stmeta.Config) -> bool:
-    """Whether the MANN phase's steps read clips through the loader (end to end, or a frozen
-    backbone on augmented episodes) rather than a table of cached embeddings or pixels."""
-    mc = cfg.meta
-    return not (mc.backbone == "pixels" or (mc.freeze_backbone and not (mc.rotate_classes or mc.max_shift)))
+# the work whose steps read clips through the loader (the MANN's too when mann_inputs is "loader")
+CLIP_LOADING = frozenset({"MAE pretraining", "MAE reconstruction", "classification", "embedding"})
 
 
 class RunETA:
@@ -1283,9 +1312,7 @@ class RunETA:
         self.plan, self.current = plan, None
         self.estimate = {k: work[k] * unit_seconds.get(k, 0.0) for k in work}
         self.unit = unit_seconds
-        # the phases whose steps read clips through the loader (and the frozen MANN's embedding pass)
-        self.loading = {"MAE pretraining", "MAE reconstruction", "classification", "embedding"} \
-            if loading is None else loading
+        self.loading = CLIP_LOADING if loading is None else loading
 
     def total(self) -> float:
         return sum(self.estimate.values())
@@ -1326,10 +1353,8 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
     RUN_ETA = None
     if len(plan) > 1:  # one phase's own ETA is the run's
         t0 = time.time()
-        n_classes = len(cache.classes_in("meta_train")) if args.stage == 3 or args.classes != "all" else \
-            len(cache.classes)
-        loading = {"MAE pretraining", "MAE reconstruction", "classification", "embedding"} | \
-            ({"MANN meta-training"} if loads_clips(cfg) else set())
+        n_classes = len(classifier_clips(cache, cfg, classifier_classes(args))[0])
+        loading = CLIP_LOADING | ({"MANN meta-training"} if mann_inputs(cfg) == "loader" else set())
         RUN_ETA = RunETA(plan, phase_work(plan, args, cfg, cache, dist.world_size),
                          calibrate(plan, cfg, device, precision, max(n_classes, 2)), loading)
         estimate = (f"; their steps alone about {stmeta.format_duration(RUN_ETA.total())} (each timed here in "
