@@ -2468,6 +2468,29 @@ class EpisodeSampler:
         return clips, target, label_in, is_query, torch.tensor(instance, dtype=torch.int64)
 
 
+class ShotMix:
+    """Support/query episodes whose shot count K varies from batch to batch: each `sample` draws
+    one K uniformly from the samplers' (with the same generator, so a batch stays a pure function
+    of its seed), then a batch of that sampler's episodes. A MANN meta-trained on 1-shot episodes
+    alone meets 5 x as many support steps at 5-shot as it ever saw, and does worse there than
+    nearest class mean; trained on K = 1..5 it has seen every length it is tested on."""
+
+    def __init__(self, samplers: list[EpisodeSampler]):
+        if not samplers or any(s.layout != "support_query" for s in samplers):
+            raise DataError("mixing shot counts needs one or more support/query samplers")
+        self.samplers = samplers
+        self.k_shots = [s.k_shot for s in samplers]
+
+    @property
+    def steps(self) -> int:
+        """The longest episode's length."""
+        return max(s.steps for s in self.samplers)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Episode:
+        j = int(torch.randint(len(self.samplers), (1,), generator=generator))
+        return self.samplers[j].sample(batch_size, generator)
+
+
 def augment_clips(video: torch.Tensor, rotation: torch.Tensor, down: torch.Tensor, right: torch.Tensor
                   ) -> torch.Tensor:
     """Turn and translate each clip as its episode step says (EpisodeSampler): video

@@ -93,7 +93,7 @@ def build_model(ck: dict, cfg: stmeta.Config, cache=None):
         model = models.Classifier(cfg.model.encoder, n_cls, dropout=cfg.finetune.head_dropout)
     elif kind == "mann":
         backbone = models.build_backbone(cfg.meta.backbone, cfg.model.encoder, pixels_size=cfg.meta.pixels_size,
-                                         channels=cfg.meta.pixels_channels or None)
+                                         channels=cfg.meta.pixels_channels or None, pool=cfg.meta.pool)
         mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=cfg.meta.n_way)
         model = models.MetaLearner(backbone, mann, input_norm=cfg.meta.input_norm)
     else:
@@ -592,10 +592,25 @@ def collapsed(r: dict) -> str:
     return " (collapsed: one class for every query)" if r.get("collapsed") else ""
 
 
+def shot_range(mc: stmeta.MetaConfig) -> str:
+    """'1-shot', or '1- to 5-shot' for a run meta-trained on a mix of shot counts."""
+    return f"{mc.k_shot}- to {mc.k_shot_max}-shot" if mc.k_shot_max > mc.k_shot else f"{mc.k_shot}-shot"
+
+
 def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
     """What a stage-3 run is, in words: its model (MANN, or the memory-free LSTM) and its encoder."""
+    mc = cfg.meta
     model = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
-    return {"model": model, "encoder": encoder_name(ck, cfg)}
+    if mc.layout == "support_query" and mc.k_shot_max > mc.k_shot:
+        model += f" meta-trained {shot_range(mc)}"
+    encoder = encoder_name(ck, cfg)
+    if mc.backbone != "pixels" and mc.pool != "mean":
+        encoder += f", tokens pooled `{mc.pool}`"
+    if mc.backbone == "mae" and not mc.freeze_backbone:
+        encoder += ", fine-tuned end to end with the MANN"
+    if ck.get("warm_start"):
+        model += f" (warm start: {os.path.basename(os.path.dirname(ck['warm_start']))})"
+    return {"model": model, "encoder": encoder}
 
 
 def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
@@ -607,8 +622,9 @@ def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
     aug = [w for w, on in (("rotated copies of the meta-train classes as new classes", mc.rotate_classes),
                             (f"shifts up to {mc.max_shift} px", mc.max_shift)) if on]
     aug = f"; augmented: {', '.join(aug)}" if aug else ""
-    return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), preset "
-            f"`{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes; budget {ck.get('step')} steps x "
+    shots = f" (meta-trained {shot_range(mc)})" if mc.layout == "support_query" and mc.k_shot_max <= mc.k_shot else ""
+    return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), "
+            f"preset `{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes{shots}; budget {ck.get('step')} steps x "
             f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.")
 
 
@@ -840,15 +856,17 @@ def cmd_labels(args) -> dict:
 # A run's frozen encoder, for probe and export
 
 
-def encoder_of_run(ck: dict, cfg: stmeta.Config, device):
+def encoder_of_run(ck: dict, cfg: stmeta.Config, device, pool: str | None = None):
     """An object whose `.backbone` embeds clips as stage 3 does (run_embeddings' input): a stage-3
-    run's own backbone, or an MAE / classifier checkpoint's encoder as the "mae" backbone."""
+    run's own backbone, or an MAE / classifier checkpoint's encoder as the "mae" backbone. `pool`
+    (models.POOLS) re-pools a ViT's tokens another way than the run's meta.pool."""
     model = build_model(ck, cfg).to(device)
-    if ck["kind"] == "mann":
+    if ck["kind"] == "mann" and (pool is None or pool == cfg.meta.pool or model.backbone.vit is None):
         backbone = model.backbone
     else:
-        backbone = models.build_backbone("mae", cfg.model.encoder)
-        backbone.vit.load_state_dict(model.encoder.state_dict())
+        vit = model.backbone.vit if ck["kind"] == "mann" else model.encoder
+        backbone = models.build_backbone("mae", cfg.model.encoder, pool=pool or cfg.meta.pool)
+        backbone.vit.load_state_dict(vit.state_dict())
         backbone = backbone.to(device).eval()
     return type("Holder", (), {"backbone": backbone})()
 
@@ -918,13 +936,14 @@ def cmd_probe(args) -> dict:
     ck, cfg, folder = load_run(args.run, ("mae", "classifier", "mann"))
     device = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(ck, args.data)
-    holder = encoder_of_run(ck, cfg, device)
+    holder = encoder_of_run(ck, cfg, device, args.pool)
     backbone = holder.backbone
     pool = cache.indices(class_split="meta_test")
     episodes = args.episodes if args.episodes is not None else cfg.meta.test_episodes
     source = describe_arm(ck, cfg)["encoder"] if ck["kind"] == "mann" else {
         "mae": "MAE encoder, no labels", "classifier": "encoder tuned on meta-train labels"}[ck["kind"]]
-    features = {f"{source} ({backbone.out_dim} features)": run_embeddings(holder, cache, cfg, device, pool),
+    pooled = "" if backbone.vit is None else f", {backbone.pool} pool"
+    features = {f"{source} ({backbone.out_dim} features{pooled})": run_embeddings(holder, cache, cfg, device, pool),
                 **floor_features(cache, cfg, pool)}
     res, rows = {}, []
     for name, emb in features.items():
@@ -1828,6 +1847,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
     sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
+    sp.add_argument("--pool", choices=models.POOLS, default=None,
+                    help="how the encoder's tokens become one vector (default: the run's meta.pool, mean)")
     sp = sub.add_parser("labels", help="accuracy against the fraction of meta-train labels (--labeled-fraction runs)")
     sp.add_argument("--runs", nargs="+", required=True, help="stage-3 runs, any arms, any --labeled-fraction")
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])

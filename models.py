@@ -564,6 +564,10 @@ def _check_attention(kind: str, cls_token: bool) -> bool:
 # The video ViT encoder
 
 
+# How VideoViT.embed pools its tokens into one vector a clip (stage 3, eval.py probe)
+POOLS = ("mean", "space", "time", "tokens")
+
+
 class VideoViT(nn.Module):
     """Video ViT: tubelet tokens (SPT or linear) + positions, pre-norm blocks, final norm.
     Encodes all tokens, or only those in ids_keep (the MAE encoder)."""
@@ -627,11 +631,30 @@ class VideoViT(nn.Module):
         x = self.norm(self.forward_features(video, ids_keep))
         return x[:, int(self.cfg.cls_token):]  # (B, L', D)
 
-    def embed(self, video: Tensor) -> Tensor:
-        """(B, C, T, H, W) -> (B, D): mean over tokens (cls excluded), then the final norm, as
-        mae_st's fine-tuning ViT pools. The Classifier's features, and stage 3's embedding."""
+    def embed(self, video: Tensor, pool: str = "mean") -> Tensor:
+        """(B, C, T, H, W) -> (B, F): the tokens (cls excluded) pooled, then the final norm on each
+        pooled vector. "mean" (F = D): over every token, as mae_st's fine-tuning ViT pools (the
+        Classifier's features, and stage 3's default embedding). The others keep the token grid
+        (t, h, w) in part: "space" averages over time at each of the h*w positions (F = h*w*D: where
+        things are), "time" over space in each of the t time slices (F = t*D: when), "tokens" keeps
+        all t*h*w (F = t*h*w*D)."""
         x = self.forward_features(video)[:, int(self.cfg.cls_token):]  # (B, L, D)
-        return self.norm(x.mean(dim=1))  # (B, D)
+        if pool == "mean":
+            return self.norm(x.mean(dim=1))  # (B, D)
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+        t, h, w = self.grid
+        x = x.view(x.shape[0], t, h * w, -1)  # tokens are flattened (t, h, w), time first
+        if pool == "space":
+            x = x.mean(dim=1)  # (B, h*w, D)
+        elif pool == "time":
+            x = x.mean(dim=2)  # (B, t, D)
+        return self.norm(x).flatten(1)  # (B, F)
+
+    def embed_dim(self, pool: str = "mean") -> int:
+        """F, the length of `embed(video, pool)`."""
+        t, h, w = self.grid
+        return self.cfg.width * {"mean": 1, "space": h * w, "time": t, "tokens": t * h * w}[pool]
 
 
 # -----------------------------------------------------------------------------
@@ -1177,11 +1200,14 @@ class Backbone(nn.Module):
     average-pools each frame to pixels_size^2 and flattens over T (Santoro's setting: raw pixels),
     in `channels` channels: 1 averages the colour channels (grey data, as Santoro's Omniglot)."""
 
-    def __init__(self, kind: str, vit_cfg: ViTConfig, pixels_size: int = 8, channels: int | None = None):
+    def __init__(self, kind: str, vit_cfg: ViTConfig, pixels_size: int = 8, channels: int | None = None,
+                 pool: str = "mean"):
         super().__init__()
         if kind not in BACKBONES:
             raise ValueError(f"unknown backbone {kind!r}; choose one of {', '.join(BACKBONES)}")
-        self.kind, self.pixels_size = kind, pixels_size
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+        self.kind, self.pixels_size, self.pool = kind, pixels_size, pool
         self.channels = vit_cfg.in_chans if channels is None else channels
         if self.channels not in (1, vit_cfg.in_chans):
             raise ValueError(f"pixels backbone: channels must be 1 or {vit_cfg.in_chans}, got {self.channels}")
@@ -1190,7 +1216,7 @@ class Backbone(nn.Module):
             self.out_dim = self.channels * vit_cfg.num_frames * pixels_size ** 2
         else:
             self.vit = VideoViT(vit_cfg)
-            self.out_dim = vit_cfg.width
+            self.out_dim = self.vit.embed_dim(pool)
 
     def forward(self, video: Tensor) -> Tensor:
         if self.vit is None:
@@ -1198,12 +1224,14 @@ class Backbone(nn.Module):
             if self.channels == 1:
                 video = video.mean(1, keepdim=True)  # (B, 1, T, H, W)
             return F.adaptive_avg_pool3d(video, (T, s, s)).flatten(1)  # (B, C*T*s*s)
-        return self.vit.embed(video)  # (B, D)
+        return self.vit.embed(video, self.pool)  # (B, out_dim)
 
 
-def build_backbone(kind: str, vit_cfg: ViTConfig, pixels_size: int = 8, channels: int | None = None) -> Backbone:
-    """The stage-3 backbone of one kind (see Backbone)."""
-    return Backbone(kind, vit_cfg, pixels_size, channels)
+def build_backbone(kind: str, vit_cfg: ViTConfig, pixels_size: int = 8, channels: int | None = None,
+                   pool: str = "mean") -> Backbone:
+    """The stage-3 backbone of one kind (see Backbone); `pool` is how a ViT's tokens become one
+    vector (VideoViT.embed; the pixels backbone ignores it)."""
+    return Backbone(kind, vit_cfg, pixels_size, channels, pool)
 
 
 class MetaLearner(nn.Module):

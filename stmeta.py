@@ -182,11 +182,18 @@ class MetaConfig:
 
     n_way: int = 5
     k_shot: int = 1
+    # Meta-train on K drawn for each batch from k_shot..k_shot_max (data.ShotMix), so the MANN has
+    # seen the longer support sets it is tested with; validation stays at k_shot. 0: K = k_shot only.
+    k_shot_max: int = 0
     n_query: int = 1  # queries per class in the support/query layout
     layout: str = "support_query"  # "support_query" | "sequence" (Santoro: x_t with y_{t-1})
     seq_shots: int = 10  # sequence layout: presentations per class
     backbone: str = "mae"  # "mae" | "scratch" (meta-learning only ablation) | "pixels" (Santoro)
     freeze_backbone: bool = True  # frozen: embeddings computed once and cached
+    # How the ViT's tokens become a clip's embedding (models.VideoViT.embed): "mean" of all tokens
+    # (mae_st's pooling; 128 features on the cpu preset), or keep part of the token grid: "space"
+    # (time-averaged, at each of the h*w positions), "time" (each time slice), "tokens" (all).
+    pool: str = "mean"
     pixels_size: int = 8  # "pixels" backbone: frames downsampled to this many pixels a side
     pixels_channels: int = 0  # "pixels" backbone: 1 (grey) or 3; 0 = 1 for a grey cache, else 3
     steps: int = 20000
@@ -250,6 +257,7 @@ CHOICES = {
     "mann.read_order": ("after_write", "before_write"),
     "meta.layout": ("support_query", "sequence"),
     "meta.backbone": ("mae", "scratch", "pixels"),
+    "meta.pool": ("mean", "space", "time", "tokens"),
 }
 
 
@@ -293,6 +301,10 @@ def check_config(cfg: Config) -> None:
         need(flat[key] > 0, key, "must be positive")
     need(cfg.mann.read_heads >= 0, "mann.read_heads", "0 (an LSTM with no memory) or more")
     need(cfg.meta.pixels_channels in (0, 1, 3), "meta.pixels_channels", "0 (auto), 1 or 3")
+    need(cfg.meta.k_shot_max == 0 or cfg.meta.k_shot_max >= cfg.meta.k_shot, "meta.k_shot_max",
+         f"0 (K = k_shot always) or at least meta.k_shot ({cfg.meta.k_shot})")
+    need(cfg.meta.k_shot_max <= cfg.meta.k_shot or cfg.meta.layout == "support_query", "meta.k_shot_max",
+         "mixing shot counts is for the support/query layout (a sequence episode has seq_shots)")
     enc = cfg.model.encoder
     need(enc.img_size % enc.patch_size == 0, "model.encoder.img_size",
          f"must be a multiple of the patch size {enc.patch_size}")

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mae_st / VideoMAE file) instead of from scratch")
     p.add_argument("--pretrained", default=None,
                    help="stages 2-3: take the encoder from this checkpoint (any stage) and skip MAE pretraining")
+    p.add_argument("--warm-start", default=None,
+                   help="stage 3: start the whole MetaLearner (encoder, input norm, MANN) from this stage-3 "
+                        "checkpoint, then train it as this run says; with --finetune: meta-train on frozen "
+                        "features first, then end to end (linear probing, then fine-tuning)")
     p.add_argument("--backbone", default=None, choices=("mae", "scratch", "pixels"),
                    help="stage 3: mae = MAE-pretrained encoder (default); scratch = the same ViT trained from "
                         "scratch end to end with the MANN (the 'meta-learning only' ablation); pixels = "
@@ -285,7 +289,7 @@ def checkpoint(kind: str, cfg, model, optimizer, step: int, total: int, metrics:
     `data` and `init` say which clip cache the run read and where its weights started."""
     return {"kind": kind, "config": stmeta.config_to_dict(cfg), "model": unwrap(model).state_dict(),
             "data": RUN_INFO.get("data"), "init": RUN_INFO.get("init"), "init_kind": RUN_INFO.get("init_kind"),
-            "inputs": RUN_INFO.get("inputs"),
+            "warm_start": RUN_INFO.get("warm_start"), "inputs": RUN_INFO.get("inputs"),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": {"step": step, "total": total}, "step": step, "total": total,
             "metrics": metrics, "rng": stmeta.rng_state(), "torch_version": str(torch.__version__),
@@ -819,16 +823,31 @@ def draw_learning_curve(folder: str, cfg: stmeta.Config, val_eps) -> str:
     return path
 
 
-def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler, data.EpisodeSampler]:
+def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | data.ShotMix, data.EpisodeSampler]:
     """Meta-train episodes (labelled clips of the meta-train classes, augmented as Santoro's
-    when asked) and validation episodes (held-out meta-test classes, never augmented)."""
+    when asked; K = k_shot..k_shot_max when meta.k_shot_max asks for a mix) and validation
+    episodes (held-out meta-test classes, never augmented, K = k_shot)."""
     mc = cfg.meta
     train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
                                       cfg.seed)
     ep_kw = dict(n_way=mc.n_way, k_shot=mc.k_shot, n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots)
+    def sampler(k: int) -> data.EpisodeSampler:
+        return data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"), rotations=mc.rotate_classes,
+                                   max_shift=mc.max_shift, **{**ep_kw, "k_shot": k})
+
     try:
-        train_eps = data.EpisodeSampler(cache, train_pool, cache.classes_in("meta_train"),
-                                        rotations=mc.rotate_classes, max_shift=mc.max_shift, **ep_kw)
+        train_eps = sampler(mc.k_shot)
+        if mc.k_shot_max > mc.k_shot:  # a mix of K: as many shots as every class's labelled clips allow
+            mix = [train_eps]
+            for k in range(mc.k_shot + 1, mc.k_shot_max + 1):
+                try:
+                    mix.append(sampler(k))
+                except data.DataError:
+                    print(f"meta-train episodes: K = {mc.k_shot}..{k - 1}, not ..{mc.k_shot_max}: a {k}-shot episode "
+                          f"needs {k + mc.n_query} labelled clips in each of {mc.n_way} classes")
+                    mc.k_shot_max = k - 1
+                    break
+            train_eps = mix[0] if len(mix) == 1 else data.ShotMix(mix)
     except data.DataError as e:
         raise stmeta.Refused(f"meta-train episodes: {e}") from None
     try:
@@ -856,11 +875,14 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     augment = mc.rotate_classes or mc.max_shift > 0
 
     # -- model (backbone, input norm, MANN as one state dict), optimizer, what a resume restores
-    backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size, channels=mc.pixels_channels or None)
+    backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size, channels=mc.pixels_channels or None,
+                                     pool=mc.pool)
     if encoder_state is not None and mc.backbone == "mae":
         backbone.vit.load_state_dict(encoder_state)
     mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way)
     model = models.MetaLearner(backbone, mann, input_norm=mc.input_norm).to(device)  # one state dict
+    if getattr(args, "warm_state", None) is not None:  # --warm-start: the whole MetaLearner (warm_start() checked it)
+        model.load_state_dict(args.warm_state)
     feed = mann_inputs(cfg)
     frozen = feed != "loader"
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
@@ -914,7 +936,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         if dist.is_main:
             print(f"backbone: {mc.backbone}, trained end to end with the MANN (backbone lr {mc.backbone_lr}); "
                   f"{mc.batch_size * train_eps.steps} clips a step, loaded by {cfg.data.workers} worker(s)")
-    episode = (f"{mc.n_way}-way {mc.k_shot}-shot, support/query" if mc.layout == "support_query" else
+    episode = (f"{mc.n_way}-way {evaluate.shot_range(mc)}, support/query" if mc.layout == "support_query" else
                f"{mc.n_way}-way, {mc.seq_shots} instances a class, sequence")
     describe(cfg, device, precision, model, dist, f"{'LSTM, no memory' if cfg.mann.read_heads == 0 else 'MANN'} "
                                                   f"({episode})")
@@ -1001,7 +1023,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             save(folder, "last.pt", checkpoint("mann", cfg, model, optimizer, step, total, metrics))
     end_phase(ddp_model, dist, step, total, folder,
               f"{'LSTM' if cfg.mann.read_heads == 0 else 'MANN'} {mc.n_way}-way "
-              + (f"{mc.k_shot}-shot" if mc.layout == "support_query" else f"sequences of {mc.seq_shots} a class"),
+              + (evaluate.shot_range(mc) if mc.layout == "support_query" else f"sequences of {mc.seq_shots} a class"),
               loss_refs={f"ln {mc.n_way} (chance)": math.log(mc.n_way)}, acc_refs={"chance": 1 / mc.n_way})
     if dist.is_main and mc.layout == "sequence":
         draw_learning_curve(folder, cfg, val_eps)
@@ -1100,6 +1122,39 @@ def main(argv=None) -> dict:
             lock[0].release()
 
 
+# The MetaLearner fields a --warm-start checkpoint must share with the run, or its weights do not fit
+WARM_FIELDS = ("meta.pool", "meta.n_way", "mann")
+
+
+def warm_start(args, cfg: stmeta.Config) -> tuple[dict, str]:
+    """--warm-start: ({model, init_kind} of a stage-3 checkpoint, the path), refused unless it is a
+    stage-3 run on an MAE-style encoder whose MANN has the shape this run asks for."""
+    path = args.warm_start
+    if args.stage != 3:
+        raise stmeta.Refused("--warm-start is for stage 3 (it starts a MetaLearner)")
+    if args.pretrained:
+        raise stmeta.Refused("--warm-start takes its encoder from the warm run itself: drop --pretrained")
+    if not os.path.isfile(path):
+        raise stmeta.Refused(f"--warm-start {path}: no such file (a stage-3 run's last.pt)")
+    ck = stmeta.load_checkpoint(path)
+    if ck.get("kind") != "mann" or "config" not in ck:
+        raise stmeta.Refused(f"--warm-start {path}: a {ck.get('kind')!r} checkpoint; it needs a stage-3 (mann) one")
+    warm = stmeta.config_from_dict(stmeta.Config, ck["config"])
+    if cfg.meta.backbone != "mae":
+        raise stmeta.Refused(f"--warm-start continues a run on a ViT encoder: leave --backbone at mae (got "
+                             f"{cfg.meta.backbone})")
+    if warm.meta.backbone == "pixels":
+        raise stmeta.Refused(f"--warm-start {path}: its backbone is pixels (nothing to fine-tune); use a run "
+                             f"on an MAE encoder")
+    mine, theirs = stmeta.flatten_config(cfg), stmeta.flatten_config(warm)
+    for key in sorted(mine):
+        if key.startswith(WARM_FIELDS) and mine[key] != theirs.get(key):
+            raise stmeta.Refused(f"--warm-start {path}: it was trained with --{key}={theirs.get(key)}, this run "
+                                 f"asks for --{key}={mine[key]}; its weights would not fit (pass --{key}="
+                                 f"{theirs.get(key)})")
+    return {"model": ck["model"], "init_kind": ck.get("init_kind")}, path
+
+
 def check_writable(folder: str) -> None:
     """--out is a folder this process can write, or can be made in one: checked without
     creating anything, so a refused run leaves no trace."""
@@ -1127,6 +1182,10 @@ def prepare_run(args, overrides, dist, device_name):
     source = args.init if args.stage == 1 else args.pretrained
     source_state = None
     RUN_INFO["init_kind"] = None  # load_source sets it: what the --init / --pretrained file was
+    RUN_INFO["warm_start"] = None
+    args.warm_state = None
+    if args.warm_start:
+        args.warm_state, source = warm_start(args, cfg)
     if args.init and args.stage != 1:
         raise stmeta.Refused("--init is for stage 1; stages 2 and 3 take --pretrained")
     if args.pretrained and args.stage == 1:
@@ -1140,6 +1199,9 @@ def prepare_run(args, overrides, dist, device_name):
         mask_ratio = cfg.model.mask_ratio
         cfg.model = model_cfg
         cfg.model.mask_ratio = mask_ratio
+        if args.warm_start:  # the encoder is named by what the warm run's encoder was (an MAE, ...)
+            RUN_INFO.update(init_kind=args.warm_state["init_kind"], warm_start=os.path.abspath(args.warm_start))
+            args.warm_state = args.warm_state["model"]
     stmeta.check_config(cfg)
     precision = stmeta.resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -1254,7 +1316,7 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
                                                             evaluate.speed_video(cfg.finetune.batch_size, enc, device))
         elif name == "MANN meta-training":
             backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size,
-                                             channels=mc.pixels_channels or None).to(device)
+                                             channels=mc.pixels_channels or None, pool=mc.pool).to(device)
             model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
                                        input_norm=mc.input_norm).to(device)
             per_class = max(20, mc.k_shot + mc.n_query, mc.seq_shots)
@@ -1412,7 +1474,7 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
                                             f"in {out}/classify")
                     enc_state = encoder_of(train_classifier(cfg, cache, os.path.join(out, "classify"), device,
                                                             precision, dist, args, enc_state, "meta_train")["model"])
-        episode = (f"{cfg.meta.n_way}-way {cfg.meta.k_shot}-shot episodes" if cfg.meta.layout == "support_query"
+        episode = (f"{cfg.meta.n_way}-way {evaluate.shot_range(cfg.meta)} episodes" if cfg.meta.layout == "support_query"
                    else f"{cfg.meta.n_way}-way sequences of {cfg.meta.seq_shots} instances a class")
         begin("MANN meta-training", f"meta-training the {'LSTM' if cfg.mann.read_heads == 0 else 'MANN'} on "
                                     f"{episode} in {out}")

@@ -1137,6 +1137,22 @@ def test_episode_errors(synth):
     assert s.classes == [1, 2] and s.dropped == [0]
 
 
+def test_shot_mix_draws_every_shot_count_reproducibly():
+    labels = [c for c in range(8) for _ in range(7)]
+    mix = data.ShotMix([data.EpisodeSampler(labels, range(len(labels)), range(8), 5, k, 1) for k in range(1, 6)])
+    assert mix.k_shots == [1, 2, 3, 4, 5] and mix.steps == 5 * 6
+    lengths = [mix.sample(3, torch.Generator().manual_seed(s)).clips.shape for s in range(40)]
+    assert {n // 5 - 1 for _, n in lengths} == {1, 2, 3, 4, 5} and all(b == 3 for b, _ in lengths)
+    a, b = (mix.sample(3, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # a pure function of the generator's seed
+    ep = a
+    k = ep.clips.shape[1] // 5 - 1
+    assert int((~ep.is_query[0]).sum()) == 5 * k and int(ep.is_query[0].sum()) == 5  # K shots, 1 query a class
+    with pytest.raises(DataError, match="support/query"):
+        data.ShotMix([data.EpisodeSampler(labels, range(len(labels)), range(8), 5, 1, 1, layout="sequence",
+                                          seq_shots=3)])
+
+
 def test_multi_label_clips_never_stand_for_two_classes_of_an_episode():
     rng = np.random.default_rng(0)
     labels = [sorted(set(rng.choice(6, size=rng.integers(1, 3), replace=False).tolist())) for _ in range(120)]

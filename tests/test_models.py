@@ -16,7 +16,7 @@ import models
 import stmeta
 from models import (
     MANN, Attention, Backbone, MetaLearner, Block, Classifier, LRUAWriteHead, LSTMController, MANNState, NTMWriteHead,
-    PatchEmbed, ReadHead, ShiftedPatchTokenizer, VideoMAE, VideoViT, attention_reference, build_backbone,
+    POOLS, PatchEmbed, ReadHead, ShiftedPatchTokenizer, VideoMAE, VideoViT, attention_reference, build_backbone,
     circular_shift, content_addressing, conv3d_to_linear_weight, cosine_similarity, count_parameters,
     gather_tokens, interpolate, least_used, lrua_usage, lrua_write, memory_read, ntm_write, param_groups,
     patchify, random_masking, separable_pos_embed, set_fast_attention, set_fast_paths, sharpen, shift_stack,
@@ -907,6 +907,33 @@ def test_backbones():
     assert count_parameters(pix) == 0
     with pytest.raises(ValueError, match="backbone"):
         build_backbone("resnet", cfg)
+
+
+def test_backbone_pools():
+    """Every pool of VideoViT.embed: its length, and what it averages (tokens are (t, h, w), time first)."""
+    cfg = tiny_vit()
+    x = video(cfg=cfg)
+    vit = VideoViT(cfg).eval()
+    t, h, w = vit.grid
+    with torch.no_grad():
+        tokens = vit.forward_features(x).view(2, t, h * w, cfg.width)
+        mean = vit.embed(x)
+        assert torch.allclose(mean, vit.norm(tokens.mean((1, 2))), atol=1e-5)
+        assert torch.allclose(vit.embed(x, "mean"), mean)
+        space, when, every = vit.embed(x, "space"), vit.embed(x, "time"), vit.embed(x, "tokens")
+    assert space.shape == (2, h * w * cfg.width) and when.shape == (2, t * cfg.width)
+    assert every.shape == (2, t * h * w * cfg.width)
+    assert torch.allclose(space.view(2, h * w, -1)[:, 3], vit.norm(tokens[:, :, 3].mean(1)), atol=1e-5)
+    assert torch.allclose(when.view(2, t, -1)[:, 1], vit.norm(tokens[:, 1].mean(1)), atol=1e-5)
+    assert torch.allclose(every.view(2, t, h * w, -1), vit.norm(tokens), atol=1e-5)
+    for pool in POOLS:
+        bb = build_backbone("mae", cfg, pool=pool)
+        assert bb.out_dim == bb.vit.embed_dim(pool) == bb(x).shape[1]
+    assert build_backbone("pixels", cfg, pixels_size=2, pool="space").out_dim == 3 * 4 * 2 * 2  # pixels ignore it
+    with pytest.raises(ValueError, match="pool 'cls'"):
+        build_backbone("mae", cfg, pool="cls")
+    with pytest.raises(ValueError, match="pool 'max'"):
+        vit.embed(x, "max")
 
 
 def test_meta_learner():

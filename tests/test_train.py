@@ -90,6 +90,48 @@ def test_stage3_other_backbones(tmp_path, tiny_data, backbone):
     assert 0 <= res["fewshot"]["mann"][1]["mean"] <= 1
 
 
+def test_stage3_pooled_tokens_and_mixed_shots(tmp_path, tiny_data):
+    """--meta.pool keeps the token grid in the MANN's input; --meta.k_shot_max meta-trains on K = 1..max
+    (as many as the classes' clips allow); the report names both, and eval.py probe re-pools the encoder."""
+    res, out = run(str(tmp_path), tiny_data, "--meta.pool=space", "--meta.k_shot_max=9", "--meta.steps=4", stage=3)
+    ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
+    vit = stmeta.config_from_dict(stmeta.Config, ck["config"]).model.encoder
+    grid = (vit.img_size // vit.patch_size) ** 2
+    assert ck["model"]["norm.weight"].shape == (grid * vit.width,)  # the MANN reads every position's features
+    report = open(os.path.join(out, "report.md")).read()
+    assert "meta-trained 1- to 5-shot" in report and "tokens pooled `space`" in report  # 6 clips a class: K <= 5
+    assert 0 <= res["fewshot"]["mann"][5]["mean"] <= 1
+    probe = evaluate.main(["probe", "--run", out, "--episodes", "8", "--pool", "time", "--device", "cpu"])
+    assert any(f"({(vit.num_frames // vit.tubelet_size) * vit.width} features, time pool)" in k for k in probe)
+
+
+def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
+    """--warm-start loads the whole MetaLearner of a frozen run (linear probing, then --finetune);
+    a MANN of another shape, or a checkpoint that is not a stage-3 run, is refused up front."""
+    _, frozen = run(str(tmp_path), tiny_data, "--meta.steps=3", stage=3, name="frozen")
+    warm = os.path.join(frozen, "last.pt")
+    res, out = run(str(tmp_path), tiny_data, "--warm-start", warm, "--finetune", "--meta.steps=1",
+                   "--meta.lr=1e-12", "--meta.backbone_lr=1e-12", "--meta.warmup_steps=0", stage=3, name="tuned")
+    assert not os.path.exists(os.path.join(out, "pretrain"))  # the encoder came with the warm run
+    a, b = weights(warm), weights(os.path.join(out, "last.pt"))
+    assert a.keys() == b.keys()
+    for k in a:  # one step at lr 1e-12 from the warm weights: the same weights
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["warm_start"] == os.path.abspath(warm) and ck["init_kind"] is None  # the warm run trained its own MAE
+    report = open(os.path.join(out, "report.md")).read()
+    assert "fine-tuned end to end with the MANN" in report and "(warm start: frozen)" in report
+    with pytest.raises(SystemExit, match=r"--meta.pool=mean, this run asks for --meta.pool=space"):
+        run(str(tmp_path), tiny_data, "--warm-start", warm, "--meta.pool=space", stage=3, name="bad1")
+    mae = os.path.join(frozen, "pretrain", "last.pt")
+    with pytest.raises(SystemExit, match="a 'mae' checkpoint; it needs a stage-3"):
+        run(str(tmp_path), tiny_data, "--warm-start", mae, stage=3, name="bad2")
+    with pytest.raises(SystemExit, match="drop --pretrained"):
+        run(str(tmp_path), tiny_data, "--warm-start", warm, "--pretrained", mae, stage=3, name="bad3")
+    with pytest.raises(SystemExit, match="--mann.controller_size=32, this run asks for --mann.controller_size=16"):
+        run(str(tmp_path), tiny_data, "--warm-start", warm, "--mann.controller_size=16", stage=3, name="bad4")
+
+
 def test_stage3_sequence_layout_reports_per_instance(tmp_path, tiny_data):
     res, out = run(str(tmp_path), tiny_data, "--backbone", "pixels", "--meta.layout=sequence", "--meta.seq_shots=3",
                    "--meta.steps=2", stage=3)
@@ -363,9 +405,10 @@ def test_one_process_per_run_folder(tmp_path, tiny_data):
     ("--meta.layout=bogus", "not one of support_query, sequence"), ("--mask_ratio=1.5", "mask_ratio=1.5"),
     ("--mask_ratio=1.0", "mask_ratio=1.0"), ("--mask_ratio=nan", "finite"), ("--seed=-1", "seed"),
     ("--encoder.attention=foo", "not one of joint, divided"), ("--meta.n_way=7", "needs 7 classes"),
-    ("--meta.seq_shots=50", "needs 50 per class")])
+    ("--meta.seq_shots=50", "needs 50 per class"), ("--meta.pool=cls", "not one of mean, space, time, tokens"),
+    ("--meta.k_shot=2", "k_shot_max=1: 0 .* or at least meta.k_shot")])
 def test_bad_values_are_refused_before_any_work(tmp_path, tiny_data, bad, says):
-    extra = ["--meta.layout=sequence"] if "seq_shots" in bad else []
+    extra = ["--meta.layout=sequence"] if "seq_shots" in bad else ["--meta.k_shot_max=1"] if "k_shot=2" in bad else []
     with pytest.raises(SystemExit, match=says) as e:
         run(str(tmp_path), tiny_data, bad, *extra, stage=3)
     assert e.value.code == 2
