@@ -320,6 +320,22 @@ def test_stage3_on_cuda(tmp_path, tiny_data, extra):
     assert stmeta.load_checkpoint(os.path.join(out, "classify", "last.pt"))["kind"] == "classifier"
 
 
+def test_logreg_in_the_support_span_is_the_same_fit():
+    """With D > n support steps logreg_predict fits the n coordinates in their span (W = Q C):
+    the same penalised objective, so the same weights and predictions as the fit over all D."""
+    g = torch.Generator().manual_seed(0)
+    labels = [c for c in range(6) for _ in range(8)]
+    ep = data.EpisodeSampler(labels, range(48), range(6), 5, 3, 2).sample(20, g)
+    centres = torch.randn(6, 300, generator=g)
+    emb = centres[torch.tensor(labels)][ep.clips] + 1.5 * torch.randn(20, ep.clips.shape[1], 300, generator=g)
+    z = torch.nn.functional.normalize(emb, dim=-1)
+    W, b = evaluate.logreg_fit(z, ep.target, ~ep.is_query, 5, steps=500)
+    full = (evaluate.LOGREG_SCALE * torch.bmm(z, W) + b).argmax(-1)
+    span = evaluate.logreg_predict(emb, ep, 5, steps=500)
+    assert (full[ep.is_query] == span[ep.is_query]).float().mean() >= 0.97  # (40 queries: one may tie-break otherwise)
+    assert (span[ep.is_query] == ep.target[ep.is_query]).float().mean() > 0.4  # it learned something
+
+
 def test_episode_loss_is_the_mean_over_scored_steps():
     """The masked form (no host sync on a GPU) equals cross-entropy over the scored steps only."""
     import models
