@@ -1489,7 +1489,7 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
     pixels = mc.backbone == "pixels"  # Santoro's Omniglot setting: the MANN reads the pixels themselves
     for e2e in (False,) if pixels else (False, True):
         backbone = models.build_backbone("pixels" if pixels else "mae", enc, pixels_size=mc.pixels_size,
-                                         channels=mc.pixels_channels or None).to(device)
+                                         channels=mc.pixels_channels or None, pool=mc.pool).to(device)
         model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
                                    input_norm=mc.input_norm).to(device)
         episodes = st["e2e_episodes"] if e2e else st["episodes"]

@@ -837,7 +837,7 @@ def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | d
 
     try:
         train_eps = sampler(mc.k_shot)
-        if mc.k_shot_max > mc.k_shot:  # a mix of K: as many shots as every class's labelled clips allow
+        if mc.k_shot_max > mc.k_shot and mc.layout == "support_query":  # a mix of K: as many as the clips allow
             mix = [train_eps]
             for k in range(mc.k_shot + 1, mc.k_shot_max + 1):
                 try:

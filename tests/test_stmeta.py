@@ -51,6 +51,16 @@ def test_unknown_field_in_saved_config_is_refused():
         stmeta.config_from_dict(stmeta.Config, d)
 
 
+def test_config_saved_before_a_field_existed_keeps_its_old_behaviour():
+    """Runs saved before meta.pool / meta.k_shot_max read the mean of the tokens, 1-shot episodes."""
+    d = stmeta.config_to_dict(stmeta.get_preset("cpu"))
+    assert (d["meta"]["pool"], d["meta"]["k_shot_max"]) == ("space", 5)
+    del d["meta"]["pool"], d["meta"]["k_shot_max"]
+    old = stmeta.config_from_dict(stmeta.Config, d)
+    assert (old.meta.pool, old.meta.k_shot_max) == ("mean", 0)
+    assert "SAVED_BEFORE" not in stmeta.config_to_dict(old)["meta"]
+
+
 def test_diff_configs_names_fields():
     a = stmeta.config_to_dict(stmeta.get_preset("tiny"))
     b = stmeta.config_to_dict(stmeta.get_preset("tiny"))
