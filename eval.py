@@ -728,8 +728,13 @@ def run_budget(ck: dict, cfg: stmeta.Config) -> str:
     mc = cfg.meta
     eps = ck.get("step", 0) * mc.batch_size * mc.accum_steps
     seconds = ck.get("metrics", {}).get("train_seconds")
-    return f"{ck.get('step', 0):,} steps x {mc.batch_size * mc.accum_steps} = {eps:,} episodes" + (
+    budget = f"{ck.get('step', 0):,} steps x {mc.batch_size * mc.accum_steps} = {eps:,} episodes" + (
         f", {stmeta.format_duration(seconds)}" if seconds else "")
+    warm = ck.get("warm_start")
+    if warm and os.path.isfile(warm):  # the warm run's budget is part of this one's
+        wck = stmeta.load_checkpoint(warm)
+        budget += f" (+ its warm start: {run_budget(wck, stmeta.config_from_dict(stmeta.Config, wck['config']))})"
+    return budget
 
 
 def cmd_ablation(args) -> dict:

@@ -121,6 +121,9 @@ def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
     assert ck["warm_start"] == os.path.abspath(warm) and ck["init_kind"] is None  # the warm run trained its own MAE
     report = open(os.path.join(out, "report.md")).read()
     assert "fine-tuned end to end with the MANN" in report and "(warm start: frozen)" in report
+    assert "1 steps x 4 = 4 episodes" in evaluate.run_budget(ck, stmeta.config_from_dict(stmeta.Config, ck["config"]))
+    assert "(+ its warm start: 3 steps x 4 = 12 episodes" in evaluate.run_budget(
+        ck, stmeta.config_from_dict(stmeta.Config, ck["config"]))
     with pytest.raises(SystemExit, match=r"--meta.pool=space, this run asks for --meta.pool=mean"):
         run(str(tmp_path), tiny_data, "--warm-start", warm, "--meta.pool=mean", stage=3, name="bad1")
     mae = os.path.join(frozen, "pretrain", "last.pt")
