@@ -1126,8 +1126,8 @@ def main(argv=None) -> dict:
 WARM_FIELDS = ("meta.pool", "meta.n_way", "mann")
 
 
-def warm_start(args, cfg: stmeta.Config) -> tuple[dict, str]:
-    """--warm-start: ({model, init_kind} of a stage-3 checkpoint, the path), refused unless it is a
+def warm_start(args, cfg: stmeta.Config) -> tuple[dict, str | None, str]:
+    """--warm-start: (model state, init_kind, path) of a stage-3 checkpoint, refused unless it is a
     stage-3 run on an MAE-style encoder whose MANN has the shape this run asks for."""
     path = args.warm_start
     if args.stage != 3:
@@ -1152,7 +1152,7 @@ def warm_start(args, cfg: stmeta.Config) -> tuple[dict, str]:
             raise stmeta.Refused(f"--warm-start {path}: it was trained with --{key}={theirs.get(key)}, this run "
                                  f"asks for --{key}={mine[key]}; its weights would not fit (pass --{key}="
                                  f"{theirs.get(key)})")
-    return {"model": ck["model"], "init_kind": ck.get("init_kind")}, path
+    return ck["model"], ck.get("init_kind"), path
 
 
 def check_writable(folder: str) -> None:
@@ -1183,9 +1183,9 @@ def prepare_run(args, overrides, dist, device_name):
     source_state = None
     RUN_INFO["init_kind"] = None  # load_source sets it: what the --init / --pretrained file was
     RUN_INFO["warm_start"] = None
-    args.warm_state = None
+    args.warm_state = warm_kind = None
     if args.warm_start:
-        args.warm_state, source = warm_start(args, cfg)
+        args.warm_state, warm_kind, source = warm_start(args, cfg)
     if args.init and args.stage != 1:
         raise stmeta.Refused("--init is for stage 1; stages 2 and 3 take --pretrained")
     if args.pretrained and args.stage == 1:
@@ -1200,8 +1200,7 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.model = model_cfg
         cfg.model.mask_ratio = mask_ratio
         if args.warm_start:  # the encoder is named by what the warm run's encoder was (an MAE, ...)
-            RUN_INFO.update(init_kind=args.warm_state["init_kind"], warm_start=os.path.abspath(args.warm_start))
-            args.warm_state = args.warm_state["model"]
+            RUN_INFO.update(init_kind=warm_kind, warm_start=os.path.abspath(args.warm_start))
     stmeta.check_config(cfg)
     precision = stmeta.resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -1319,10 +1318,12 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
                                              channels=mc.pixels_channels or None, pool=mc.pool).to(device)
             model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
                                        input_norm=mc.input_norm).to(device)
-            per_class = max(20, mc.k_shot + mc.n_query, mc.seq_shots)
+            # a mix of K (meta.k_shot_max) is timed at its mean K: a step's cost grows with the episode's length
+            k = (mc.k_shot + mc.k_shot_max + 1) // 2 if mc.k_shot_max > mc.k_shot else mc.k_shot
+            per_class = max(20, k + mc.n_query, mc.seq_shots)
             labels = [c for c in range(2 * mc.n_way) for _ in range(per_class)]
             sampler = data.EpisodeSampler(labels, np.arange(len(labels)), list(range(2 * mc.n_way)), mc.n_way,
-                                          mc.k_shot, mc.n_query, mc.layout, mc.seq_shots)
+                                          k, mc.n_query, mc.layout, mc.seq_shots)
             ep = sampler.sample(mc.batch_size, torch.Generator().manual_seed(0)).to(device)
             cached = mann_inputs(cfg) == "embeddings"
             if cached:  # the table of embeddings the episodes index
