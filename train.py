@@ -885,11 +885,12 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         model.load_state_dict(args.warm_state)
     feed = mann_inputs(cfg)
     frozen = feed != "loader"
-    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    groups = [{"params": head, "lr_scale": 1.0, "weight_decay": mc.weight_decay}]
     if frozen:
         backbone.requires_grad_(False)
-    else:
+        model.norm.requires_grad_(mc.learn_input_norm)
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    groups = [{"params": head, "lr_scale": 1.0, "weight_decay": mc.weight_decay}]
+    if not frozen:
         groups.append({"params": list(backbone.parameters()), "lr_scale": mc.backbone_lr / mc.lr,
                        "weight_decay": mc.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=mc.lr)

@@ -105,6 +105,18 @@ def test_stage3_pooled_tokens_and_mixed_shots(tmp_path, tiny_data):
     assert any(f"({(vit.num_frames // vit.tubelet_size) * vit.width} features, time pool)" in k for k in probe)
 
 
+def test_fixed_input_norm_stays_at_its_start(tmp_path, tiny_data):
+    """--meta.learn_input_norm=false with a frozen backbone: the norm's gain and bias are the
+    initial input_norm / sqrt(D) and 0 after training; learned (the default), they move."""
+    _, learned = run(str(tmp_path), tiny_data, "--meta.steps=3", stage=3, name="learned")
+    _, fixed = run(str(tmp_path), tiny_data, "--meta.learn_input_norm=false", "--meta.steps=3", stage=3, name="fixed")
+    a, b = weights(os.path.join(learned, "last.pt")), weights(os.path.join(fixed, "last.pt"))
+    start = torch.full_like(b["norm.weight"], 4.0 / b["norm.weight"].numel() ** 0.5)
+    assert torch.allclose(b["norm.weight"], start) and not b["norm.bias"].any()
+    assert not torch.allclose(a["norm.weight"], start) and a["norm.bias"].any()
+    assert not torch.equal(a["mann.out.weight"], b["mann.out.weight"])
+
+
 def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
     """--warm-start loads the whole MetaLearner of a frozen run (linear probing, then --finetune);
     a MANN of another shape, or a checkpoint that is not a stage-3 run, is refused up front."""
