@@ -831,8 +831,10 @@ def cmd_labels(args) -> dict:
     """Each arm's held-out accuracy against the fraction of meta-train labels its MANN was
     meta-trained with (`train.py --labeled-fraction F`; the MAE saw every clip, unlabelled), from
     the runs' own final evaluations (eval.py fewshot: the same fixed episodes for every run).
-    Runs are grouped into arms by what they are (model and encoder)."""
-    arms: dict[str, list[tuple[float, dict]]] = {}
+    Runs are grouped into arms by what they are (model and encoder), not by the shot range a
+    run could meta-train on: fewer labelled clips clamp K (1..5 becomes 1..4 at 10%), and the
+    table row says so."""
+    arms: dict[str, list[tuple[float, dict, str]]] = {}
     n_way = None
     for run in args.runs:
         ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
@@ -845,21 +847,23 @@ def cmd_labels(args) -> dict:
             raise stmeta.Refused(f"{run} is {cfg.meta.n_way}-way and an earlier run {n_way}-way: one sweep, one episode shape")
         n_way = cfg.meta.n_way
         what = describe_arm(ck, cfg)
-        arms.setdefault(f"{what['model']} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"]))
+        arm = re.sub(r" meta-trained [\w -]*?-shot", "", what["model"])  # the shots a run's labels allowed
+        shots = shot_range(cfg.meta) if cfg.meta.layout == "support_query" else f"{cfg.meta.seq_shots} a class"
+        arms.setdefault(f"{arm} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"], shots))
     for points in arms.values():
         points.sort(key=lambda p: p[0])  # by fraction (two runs at one fraction are both drawn)
     body = ["## Labels: accuracy against the fraction of meta-train labels (eval.py labels)\n",
             "Each arm's MANN meta-trained with the given fraction of each meta-train class's labelled clips "
             "(the MAE pretrained on every clip, without labels); held-out classes, the runs' own 1,000 fixed "
             "episodes, mean +- 95% CI.\n",
-            "| arm | labels | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
-            "|---|--:|" + "--:|" * len(args.shots)]
+            "| arm | labels | meta-trained on | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
+            "|---|--:|---|" + "--:|" * len(args.shots)]
     for name, points in arms.items():
-        for frac, r in reversed(points):
-            body.append(f"| {name} | {100 * frac:g}% | " + " | ".join(
+        for frac, r, shots in reversed(points):
+            body.append(f"| {name} | {100 * frac:g}% | {shots} | " + " | ".join(
                 f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
     k = args.shots[0]
-    series = {name: ([100 * f for f, _ in pts], [r[k]["mean"] if k in r else None for _, r in pts])
+    series = {chart_label(name): ([100 * f for f, _, _ in pts], [r[k]["mean"] if k in r else None for _, r, _ in pts])
               for name, pts in arms.items()}
     stmeta.line_chart(args.out, series, title=f"{k}-shot accuracy on held-out classes against the labels used",
                       xlabel="% of meta-train labels", ylabel="accuracy", refs={"chance": 1 / n_way}, y_from=0.0)

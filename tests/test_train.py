@@ -299,7 +299,13 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     _, half = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", "--meta.steps=2", stage=3, name="s3half")
     swept = evaluate.main(["labels", "--runs", s3, half, sc, "--out", os.path.join(s3, "labels.png")])
     assert sorted(len(v) for v in swept.values()) == [1, 2]  # the MAE arm at 100% and 50%, the scratch arm
-    assert {f for v in swept.values() for f, _ in v} == {1.0, 0.5} and os.path.exists(os.path.join(s3, "labels.png"))
+    assert {f for v in swept.values() for f, *_ in v} == {1.0, 0.5} and os.path.exists(os.path.join(s3, "labels.png"))
+    # fewer labels clamp a mixed-shot run's K (6 clips a class: 1..5; half of them: 1..2); still one arm
+    _, mix = run(str(tmp_path), tiny_data, "--meta.k_shot_max=5", "--meta.steps=2", stage=3, name="mix")
+    _, mix_half = run(str(tmp_path), tiny_data, "--meta.k_shot_max=5", "--labeled-fraction", "0.5", "--meta.steps=2",
+                      stage=3, name="mixhalf")
+    swept = evaluate.main(["labels", "--runs", mix, mix_half, "--out", os.path.join(mix, "labels.png")])
+    assert [[(f, shots) for f, _, shots in v] for v in swept.values()] == [[(0.5, "1- to 2-shot"), (1.0, "1- to 5-shot")]]
 
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
     import numpy as np
