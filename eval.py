@@ -609,9 +609,12 @@ def shot_range(mc: stmeta.MetaConfig) -> str:
 
 
 def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
-    """What a stage-3 run is, in words: its model (MANN, or the memory-free LSTM) and its encoder."""
+    """What a stage-3 run is, in words: its model (MANN, or the memory-free LSTM), the same
+    without the shot range it meta-trained on ("kind": fewer labels clamp that range), and its
+    encoder."""
     mc = cfg.meta
-    model = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
+    kind = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
+    model = kind
     if mc.layout == "support_query" and mc.k_shot_max > mc.k_shot:
         model += f" meta-trained {shot_range(mc)}"
     encoder = encoder_name(ck, cfg)
@@ -620,8 +623,9 @@ def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
     if mc.backbone == "mae" and not mc.freeze_backbone:
         encoder += ", fine-tuned end to end with the MANN"
     if ck.get("warm_start"):
-        model += f" (warm start: {os.path.basename(os.path.dirname(ck['warm_start']))})"
-    return {"model": model, "encoder": encoder}
+        warm = f" (warm start: {os.path.basename(os.path.dirname(ck['warm_start']))})"
+        model, kind = model + warm, kind + warm
+    return {"model": model, "kind": kind, "encoder": encoder}
 
 
 def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
@@ -847,9 +851,8 @@ def cmd_labels(args) -> dict:
             raise stmeta.Refused(f"{run} is {cfg.meta.n_way}-way and an earlier run {n_way}-way: one sweep, one episode shape")
         n_way = cfg.meta.n_way
         what = describe_arm(ck, cfg)
-        arm = re.sub(r" meta-trained [\w -]*?-shot", "", what["model"])  # the shots a run's labels allowed
         shots = shot_range(cfg.meta) if cfg.meta.layout == "support_query" else f"{cfg.meta.seq_shots} a class"
-        arms.setdefault(f"{arm} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"], shots))
+        arms.setdefault(f"{what['kind']} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"], shots))
     for points in arms.values():
         points.sort(key=lambda p: p[0])  # by fraction (two runs at one fraction are both drawn)
     body = ["## Labels: accuracy against the fraction of meta-train labels (eval.py labels)\n",
