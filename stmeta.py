@@ -398,8 +398,9 @@ def preset_cpu() -> Config:
     or drop path at lr 2e-3 (with Table 2's mixup 0.5 the small model barely moves in 8 epochs).
     The MANN meta-trains 8,000 steps: at 5,000 (1.6x faster) it loses 4 / 6 points and no longer
     beats the pixels backbone's MANN at 1-shot (71.2 against 70.6%; README, Results). At lr 2e-3
-    it never left ln 5. No projection before the LSTM (mann.input_proj=256 is 1.25x faster a step
-    at the same accuracy on 1- to 5-shot episodes, but on 1-shot episodes alone it never left ln 5)."""
+    it had not left ln 5 by step 3,300. No projection before the LSTM (mann.input_proj=256 is
+    1.25x faster a step at the same accuracy on 1- to 5-shot episodes, but on 1-shot episodes
+    alone it did not leave ln 5)."""
     return Config(
         preset="cpu",
         model=mae_cpu(),
