@@ -2491,6 +2491,68 @@ class ShotMix:
         return self.samplers[j].sample(batch_size, generator)
 
 
+class EpisodeMix:
+    """Batches from several episode sources (EpisodeSampler or ShotMix): each `sample` draws
+    source j with probability weights[j] (with the batch's generator, so a batch stays a pure
+    function of its seed), then a batch of that source's episodes. Meta-training on the labelled
+    clips' episodes and on cluster episodes of the unlabelled ones (`cluster_labels`) mixes two."""
+
+    def __init__(self, parts: list, weights: list[float]):
+        if len(parts) != len(weights) or not parts or min(weights) < 0 or sum(weights) <= 0:
+            raise DataError(f"an episode mix needs one non-negative weight per source, got {weights}")
+        self.parts = parts
+        self.weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+    @property
+    def steps(self) -> int:
+        """The longest episode's length."""
+        return max(p.steps for p in self.parts)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Episode:
+        j = int(torch.multinomial(self.weights, 1, generator=generator))
+        return self.parts[j].sample(batch_size, generator)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 30) -> torch.Tensor:
+    """Lloyd's k-means on the rows of x (n, d), seeded by k-means++ (Arthur & Vassilvitskii 2007:
+    each new centre drawn with probability proportional to its squared distance from the nearest
+    chosen one): (n,) cluster ids in [0, k). A centre left with no points keeps its place. On x's
+    device; deterministic for a seed."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise DataError(f"k-means: {k} clusters asked of {n} points")
+    x = x.float()
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(n, (1,), generator=g)]
+    d2 = ((x - centres) ** 2).sum(1)
+    for _ in range(1, k):
+        j = torch.multinomial(d2.cpu().double().clamp_min(0) + 1e-30, 1, generator=g)
+        centres = torch.cat([centres, x[j]])
+        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
+    assign = torch.cdist(x, centres).argmin(1)
+    for _ in range(iters):
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        new = torch.cdist(x, centres).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+def cluster_labels(emb: torch.Tensor, pool, k: int, seed: int) -> np.ndarray:
+    """Pseudo-labels for meta-training without labels (Hsu et al. 2019, CACTUs: clusters of an
+    unsupervised embedding stand in for classes): k-means on the pool's embeddings, each
+    LayerNorm'ed and scaled to unit length (the cosine the nearest-class-mean baseline uses).
+    emb (N, D) for every clip of the cache -> (N,) cluster ids, -1 outside the pool."""
+    pool = np.asarray(pool, dtype=np.int64)
+    z = F.normalize(F.layer_norm(emb[torch.as_tensor(pool)].float(), emb.shape[-1:]), dim=-1)
+    out = np.full(emb.shape[0], -1, dtype=np.int64)
+    out[pool] = kmeans(z, k, seed).cpu().numpy()
+    return out
+
+
 def augment_clips(video: torch.Tensor, rotation: torch.Tensor, down: torch.Tensor, right: torch.Tensor
                   ) -> torch.Tensor:
     """Turn and translate each clip as its episode step says (EpisodeSampler): video

@@ -95,7 +95,8 @@ def build_model(ck: dict, cfg: stmeta.Config, cache=None):
         backbone = models.build_backbone(cfg.meta.backbone, cfg.model.encoder, pixels_size=cfg.meta.pixels_size,
                                          channels=cfg.meta.pixels_channels or None, pool=cfg.meta.pool)
         mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=cfg.meta.n_way)
-        model = models.MetaLearner(backbone, mann, input_norm=cfg.meta.input_norm)
+        model = models.MetaLearner(backbone, mann, input_norm=cfg.meta.input_norm,
+                                   input_dropout=cfg.meta.input_dropout)
     else:
         raise stmeta.Refused(f"unknown checkpoint kind {kind!r}")
     model.load_state_dict(ck["model"])
@@ -614,6 +615,10 @@ def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
     encoder."""
     mc = cfg.meta
     kind = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
+    if mc.input_dropout:
+        kind += f", input dropout {mc.input_dropout:g}"
+    if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes too
+        kind += f" + cluster episodes ({mc.clusters} k-means clusters, {mc.cluster_share:.0%} of batches)"
     model = kind
     if mc.layout == "support_query" and mc.k_shot_max > mc.k_shot:
         model += f" meta-trained {shot_range(mc)}"
@@ -1503,7 +1508,7 @@ def bench_training(cfg: stmeta.Config, device: torch.device, precision: str, st:
         backbone = models.build_backbone("pixels" if pixels else "mae", enc, pixels_size=mc.pixels_size,
                                          channels=mc.pixels_channels or None, pool=mc.pool).to(device)
         model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
-                                   input_norm=mc.input_norm).to(device)
+                                   input_norm=mc.input_norm, input_dropout=mc.input_dropout).to(device)
         episodes = st["e2e_episodes"] if e2e else st["episodes"]
         g = torch.Generator().manual_seed(0)
         if e2e:

@@ -1242,19 +1242,25 @@ class MetaLearner(nn.Module):
     The norm puts every backbone (pixels, ViT features) on one scale, and its gain starts at
     input_norm / sqrt(D), so that an embedding enters the controller with length `input_norm`,
     a few times the label one-hot's length 1: at LayerNorm's usual gain of 1 (length sqrt(D))
-    the image drowns the label at the LSTM's gates and the MANN stays at counting labels."""
+    the image drowns the label at the LSTM's gates and the MANN stays at counting labels.
 
-    def __init__(self, backbone: Backbone, mann: MANN, input_norm: float = 4.0):
+    `input_dropout` drops features of the normed embedding in training (inverted dropout, each
+    feature of each step on its own): with a frozen backbone the MANN reads the same few cached
+    embeddings of each meta-train clip at every step, and with a few labelled clips a class it
+    learns them by heart; dropping features makes every presentation a new view of the clip."""
+
+    def __init__(self, backbone: Backbone, mann: MANN, input_norm: float = 4.0, input_dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.norm = nn.LayerNorm(backbone.out_dim)
         with torch.no_grad():
             self.norm.weight.fill_(input_norm / math.sqrt(backbone.out_dim))
+        self.drop = nn.Dropout(input_dropout)
         self.mann = mann
 
     def forward(self, x: Tensor, label_in: Tensor, state: MANNState | None = None) -> tuple[Tensor, MANNState]:
         """x (B, S, out_dim) embeddings from the backbone; as MANN.forward otherwise."""
-        return self.mann(self.norm(x), label_in, state)
+        return self.mann(self.drop(self.norm(x)), label_in, state)
 
 
 def episode_loss(model: nn.Module, x: Tensor, ep) -> tuple[Tensor, Tensor]:

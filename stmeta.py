@@ -234,6 +234,16 @@ class MetaConfig:
     # so the backward pass skips the gradient of the LSTM's input product with respect to its
     # 2,048-wide input. The gain is redundant with the input weights it multiplies.
     learn_input_norm: bool = True
+    # Dropout on the normed embedding the MANN reads, in training only (models.MetaLearner): a
+    # regulariser for few labelled clips a class (--labeled-fraction), where the MANN otherwise
+    # fits the meta-train clips' cached embeddings (README, Results: with fewer labels).
+    input_dropout: float = 0.0
+    # Semi-supervised meta-training (Hsu et al. 2019, CACTUs): > 0 clusters the frozen embeddings
+    # of every clip MAE pretraining may use (labels unused) into this many k-means clusters, and
+    # draws a `cluster_share` of the meta-train batches from episodes whose classes are the
+    # clusters, so the unlabelled clips feed the MANN as well as the MAE. 0: labelled episodes only.
+    clusters: int = 0
+    cluster_share: float = 0.5
     # Santoro's augmentation of the meta-train classes, drawn anew for every episode: each class
     # also appears rotated by 90, 180 and 270 degrees as three new classes, and every example is
     # translated by up to max_shift pixels (edges replicated). Held-out classes are never augmented.
@@ -312,6 +322,10 @@ def check_config(cfg: Config) -> None:
         need(flat[key] >= 1, key, "must be at least 1 (steps)")
     for key in ("meta.lr", "meta.input_norm"):
         need(flat[key] > 0, key, "must be positive")
+    need(0 <= cfg.meta.cluster_share <= 1, "meta.cluster_share", "must be in [0, 1]: the share of batches "
+         "drawn from cluster episodes")
+    need(cfg.meta.clusters == 0 or cfg.meta.clusters >= cfg.meta.n_way, "meta.clusters",
+         f"0 (off) or at least meta.n_way ({cfg.meta.n_way}): an episode draws its classes from the clusters")
     need(cfg.mann.read_heads >= 0, "mann.read_heads", "0 (an LSTM with no memory) or more")
     need(cfg.meta.pixels_channels in (0, 1, 3), "meta.pixels_channels", "0 (auto), 1 or 3")
     need(cfg.meta.k_shot_max == 0 or cfg.meta.k_shot_max >= cfg.meta.k_shot, "meta.k_shot_max",

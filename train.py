@@ -858,6 +858,38 @@ def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | d
     return train_eps, val_eps
 
 
+def cluster_episodes(cfg: stmeta.Config, cache, emb: torch.Tensor, k_max: int, verbose: bool
+                     ) -> data.EpisodeSampler | data.ShotMix:
+    """Episodes whose classes are k-means clusters of the frozen embeddings (data.cluster_labels)
+    of the clips MAE pretraining may use, labelled or not (their labels unused): the meta-train
+    classes' clips and every unlabelled clip, never a held-out class's. K = k_shot..k_max, as
+    the labelled episodes are asked for, whatever their own labels allow; clusters too small for
+    an episode are left out. Printed: the clusters' sizes, and how pure they are by the
+    meta-train labels (a measurement only: the clustering never reads them)."""
+    mc = cfg.meta
+    pool = cache.pretrain_pool("meta_train")
+    ids = data.cluster_labels(emb.cpu(), pool, mc.clusters, cfg.seed)
+    if verbose:
+        sizes = np.bincount(ids[pool], minlength=mc.clusters)
+        known = pool[cache.labels[pool] >= 0]
+        pure = sum(np.bincount(cache.labels[known][ids[known] == c]).max(initial=0) for c in range(mc.clusters))
+        print(f"cluster episodes: {mc.clusters} k-means clusters of {len(pool)} clips (labels unused), "
+              f"{sizes.min()}-{sizes.max()} clips each (median {int(np.median(sizes))}); "
+              f"purity by the meta-train labels {pure / max(len(known), 1):.1%}; "
+              f"{mc.cluster_share:.0%} of the batches")
+    samplers = []
+    for k in range(mc.k_shot, max(k_max, mc.k_shot) + 1):
+        try:
+            samplers.append(data.EpisodeSampler(ids.tolist(), pool, range(mc.clusters), n_way=mc.n_way, k_shot=k,
+                                                n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots,
+                                                drop_small=True))
+        except data.DataError as e:
+            if not samplers:
+                raise stmeta.Refused(f"cluster episodes: {e}; ask for fewer --meta.clusters") from None
+            break
+    return samplers[0] if len(samplers) == 1 else data.ShotMix(samplers)
+
+
 def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
                encoder_state: dict | None) -> dict:
     mc = cfg.meta
@@ -870,6 +902,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
 
     # -- episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
     #    meta-test classes for validation (never augmented)
+    asked_k_max = mc.k_shot_max  # episode_samplers lowers it to what the labelled clips allow
     train_eps, val_eps = episode_samplers(cfg, cache)
     val_pool = cache.indices(class_split="meta_test")
     augment = mc.rotate_classes or mc.max_shift > 0
@@ -880,10 +913,15 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     if encoder_state is not None and mc.backbone == "mae":
         backbone.vit.load_state_dict(encoder_state)
     mann = models.MANN(cfg.mann, input_dim=backbone.out_dim, n_way=mc.n_way)
-    model = models.MetaLearner(backbone, mann, input_norm=mc.input_norm).to(device)  # one state dict
+    model = models.MetaLearner(backbone, mann, input_norm=mc.input_norm,  # one state dict
+                               input_dropout=mc.input_dropout).to(device)
     if getattr(args, "warm_state", None) is not None:  # --warm-start: the whole MetaLearner (warm_start() checked it)
         model.load_state_dict(args.warm_state)
     feed = mann_inputs(cfg)
+    if mc.clusters and feed != "embeddings":
+        raise stmeta.Refused(f"--meta.clusters={mc.clusters}: cluster episodes need a frozen backbone on "
+                             f"unaugmented episodes (the embeddings are clustered once); drop --finetune, "
+                             f"--meta.rotate_classes and --meta.max_shift")
     frozen = feed != "loader"
     if frozen:
         backbone.requires_grad_(False)
@@ -921,6 +959,9 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                                                   "made_by": made_by})
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
+        if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes
+            train_eps = data.EpisodeMix([train_eps, cluster_episodes(cfg, cache, emb, asked_k_max, dist.is_main)],
+                                        [1 - mc.cluster_share, mc.cluster_share])
     elif feed == "clips":
         inputs = clip_table(cache, cfg, device)
         if dist.is_main:
@@ -1318,7 +1359,7 @@ def calibrate(plan: list[str], cfg: stmeta.Config, device, precision: str, n_cla
             backbone = models.build_backbone(mc.backbone, enc, pixels_size=mc.pixels_size,
                                              channels=mc.pixels_channels or None, pool=mc.pool).to(device)
             model = models.MetaLearner(backbone, models.MANN(cfg.mann, backbone.out_dim, mc.n_way),
-                                       input_norm=mc.input_norm).to(device)
+                                       input_norm=mc.input_norm, input_dropout=mc.input_dropout).to(device)
             # a mix of K (meta.k_shot_max) is timed at its mean K: a step's cost grows with the episode's length
             k = (mc.k_shot + mc.k_shot_max + 1) // 2 if mc.k_shot_max > mc.k_shot else mc.k_shot
             per_class = max(20, k + mc.n_query, mc.seq_shots)

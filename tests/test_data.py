@@ -1153,6 +1153,46 @@ def test_shot_mix_draws_every_shot_count_reproducibly():
                                           seq_shots=3)])
 
 
+def test_kmeans_recovers_separated_clusters_and_is_reproducible():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=g) * 10
+    truth = torch.arange(6).repeat_interleave(30)
+    x = centres[truth] + torch.randn(180, 16, generator=g)
+    ids = data.kmeans(x, 6, seed=1)
+    assert ids.shape == (180,) and set(ids.tolist()) == set(range(6))
+    # one cluster per true group: the partition is the truth's up to renaming
+    assert all(len(set(ids[truth == c].tolist())) == 1 for c in range(6))
+    assert torch.equal(ids, data.kmeans(x, 6, seed=1))
+    with pytest.raises(DataError, match="7 clusters asked of 6 points"):
+        data.kmeans(x[:6], 7, seed=0)
+
+
+def test_cluster_labels_cover_the_pool_only():
+    emb = torch.cat([torch.randn(10, 8) + 20 * torch.eye(8)[0], torch.randn(10, 8) - 20 * torch.eye(8)[0],
+                     torch.randn(5, 8)])
+    pool = np.arange(20)
+    ids = data.cluster_labels(emb, pool, 2, seed=0)
+    assert (ids[20:] == -1).all() and len(set(ids[:10])) == 1 and len(set(ids[10:20])) == 1 and ids[0] != ids[10]
+
+
+def test_episode_mix_draws_each_source_by_its_weight():
+    labels = [c for c in range(8) for _ in range(7)]
+    one = data.EpisodeSampler(labels, range(len(labels)), range(8), 5, 1, 1)
+    three = data.EpisodeSampler(labels, range(len(labels)), range(8), 5, 3, 1)
+    mix = data.EpisodeMix([one, three], [0.25, 0.75])
+    assert mix.steps == three.steps
+    lengths = [mix.sample(2, torch.Generator().manual_seed(s)).clips.shape[1] for s in range(400)]
+    assert 0.65 < lengths.count(three.steps) / 400 < 0.85
+    a, b = (mix.sample(2, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    only = data.EpisodeMix([one, three], [1.0, 0.0])
+    assert {only.sample(1, torch.Generator().manual_seed(s)).clips.shape[1] for s in range(30)} == {one.steps}
+    with pytest.raises(DataError, match="one non-negative weight per source"):
+        data.EpisodeMix([one, three], [1.0])
+    with pytest.raises(DataError, match="one non-negative weight per source"):
+        data.EpisodeMix([one, three], [0.0, 0.0])
+
+
 def test_multi_label_clips_never_stand_for_two_classes_of_an_episode():
     rng = np.random.default_rng(0)
     labels = [sorted(set(rng.choice(6, size=rng.integers(1, 3), replace=False).tolist())) for _ in range(120)]

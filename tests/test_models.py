@@ -946,3 +946,22 @@ def test_meta_learner():
     logits, state = model(z, torch.tensor([[0, 1, -1], [2, -1, -1]]))
     assert logits.shape == (2, 3, 3) and isinstance(state, MANNState)
     assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "norm", "mann"}
+
+
+def test_meta_learner_input_dropout_only_in_training():
+    """input_dropout drops features of what the MANN reads in training (a new draw at each
+    call); in eval mode the model is the same function as one without dropout."""
+    cfg = tiny_vit()
+    torch.manual_seed(0)
+    plain = MetaLearner(build_backbone("scratch", cfg), small_mann(input_dim=build_backbone("scratch", cfg).out_dim))
+    dropped = MetaLearner(build_backbone("scratch", cfg), small_mann(input_dim=plain.backbone.out_dim), input_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())  # dropout has no weights: the same state dict
+    z = torch.randn(2, 3, plain.backbone.out_dim)
+    labels = torch.tensor([[0, 1, -1], [2, -1, -1]])
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(z, labels)[0], plain(z, labels)[0])
+    dropped.train()
+    a, b = dropped(z, labels)[0], dropped(z, labels)[0]
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain(z, labels)[0])
+    with pytest.raises(ValueError, match="dropout probability"):
+        MetaLearner(plain.backbone, plain.mann, input_dropout=1.5)

@@ -117,6 +117,27 @@ def test_fixed_input_norm_stays_at_its_start(tmp_path, tiny_data):
     assert not torch.equal(a["mann.out.weight"], b["mann.out.weight"])
 
 
+def test_cluster_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
+    """--meta.clusters: the frozen embeddings of the meta-train clips are clustered (labels
+    unused), a share of the batches are episodes of clusters, and the report names the arm;
+    with the backbone trained end to end it is refused before any work."""
+    res, out = run(str(tmp_path), tiny_data, "--meta.clusters=8", "--meta.cluster_share=0.5", "--meta.steps=3",
+                   "--meta.input_dropout=0.2", stage=3)
+    printed = capsys.readouterr().out
+    assert "cluster episodes: 8 k-means clusters of 144 clips (labels unused)" in printed
+    assert "purity by the meta-train labels" in printed and "50% of the batches" in printed
+    report = open(os.path.join(out, "report.md")).read()
+    assert "input dropout 0.2 + cluster episodes (8 k-means clusters, 50% of batches)" in report
+    ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["config"]["meta"]["clusters"] == 8 and ck["step"] == 3
+    with pytest.raises(SystemExit, match="--meta.clusters=8: cluster episodes need a frozen backbone"):
+        run(str(tmp_path), tiny_data, "--meta.clusters=8", "--finetune", stage=3, name="tuned")
+    with pytest.raises(SystemExit, match=r"--meta.clusters=3: 0 \(off\) or at least meta.n_way"):
+        run(str(tmp_path), tiny_data, "--meta.clusters=3", stage=3, name="few")
+    with pytest.raises(SystemExit, match=r"--meta.cluster_share=1.5: must be in \[0, 1\]"):
+        run(str(tmp_path), tiny_data, "--meta.clusters=8", "--meta.cluster_share=1.5", stage=3, name="share")
+
+
 def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
     """--warm-start loads the whole MetaLearner of a frozen run (linear probing, then --finetune);
     a MANN of another shape, or a checkpoint that is not a stage-3 run, is refused up front."""
