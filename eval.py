@@ -617,6 +617,8 @@ def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
     kind = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
     if mc.input_dropout:
         kind += f", input dropout {mc.input_dropout:g}"
+    if mc.train_views > 1:
+        kind += f", {mc.train_views} views a clip"
     if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes too
         kind += f" + cluster episodes ({mc.clusters} k-means clusters, {mc.cluster_share:.0%} of batches)"
     model = kind

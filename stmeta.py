@@ -238,6 +238,12 @@ class MetaConfig:
     # regulariser for few labelled clips a class (--labeled-fraction), where the MANN otherwise
     # fits the meta-train clips' cached embeddings (README, Results: with fewer labels).
     input_dropout: float = 0.0
+    # Augmented views of the meta-train clips for a frozen backbone: > 1 embeds every meta-train
+    # clip this many times (the centred, unaugmented view and train_views - 1 views with the
+    # training augmentation: a random window, random resized crop, flip where the data allows),
+    # and each clip of a training episode reads one of its views, drawn at random. 1: the single
+    # centred embedding. Held-out classes always read the centred view.
+    train_views: int = 1
     # Semi-supervised meta-training (Hsu et al. 2019, CACTUs): > 0 clusters the frozen embeddings
     # of every clip MAE pretraining may use (labels unused) into this many k-means clusters, and
     # draws a `cluster_share` of the meta-train batches from episodes whose classes are the
@@ -324,6 +330,7 @@ def check_config(cfg: Config) -> None:
         need(flat[key] > 0, key, "must be positive")
     need(0 <= cfg.meta.cluster_share <= 1, "meta.cluster_share", "must be in [0, 1]: the share of batches "
          "drawn from cluster episodes")
+    need(cfg.meta.train_views >= 1, "meta.train_views", "at least 1 (1: the centred view only)")
     need(cfg.meta.clusters == 0 or cfg.meta.clusters >= cfg.meta.n_way, "meta.clusters",
          f"0 (off) or at least meta.n_way ({cfg.meta.n_way}): an episode draws its classes from the clusters")
     need(cfg.mann.read_heads >= 0, "mann.read_heads", "0 (an LSTM with no memory) or more")

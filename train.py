@@ -744,19 +744,22 @@ def train_classifier(cfg: stmeta.Config, cache, folder: str, device, precision: 
 
 
 @torch.no_grad()
-def embed_all(backbone, cache, cfg, device, precision, indices=None, batch: int = 64, quiet: bool = False
-              ) -> torch.Tensor:
-    """Clips through the backbone once (centred window, no augmentation): (N, D) float32
-    for every clip of the cache; rows not in `indices` (default: all) stay zero. A frozen
-    stage 3 calls this once and never re-encodes a clip."""
+def embed_all(backbone, cache, cfg, device, precision, indices=None, batch: int = 64, quiet: bool = False,
+              view: int = 0) -> torch.Tensor:
+    """Clips through the backbone once: (N, D) float32 for every clip of the cache; rows not in
+    `indices` (default: all) stay zero. view 0: the centred window, no augmentation (what a frozen
+    stage 3 embeds once and never re-encodes); view v > 0: the training augmentation (random
+    window, random resized crop, flip if cfg.data.hflip), a pure function of (seed, v, clip)."""
     enc = cfg.model.encoder
     indices = np.arange(len(cache.labels)) if indices is None else np.asarray(indices)
     ds = data.ClipDataset(cache, indices, num_frames=enc.num_frames, sampling_rate=cfg.data.sampling_rate,
-                          size=enc.img_size, train=False)
+                          size=enc.img_size, train=view > 0, scale_min=cfg.data.scale_min, hflip=cfg.data.hflip,
+                          seed=cfg.seed)
+    ds.set_epoch(view)
     was_training = backbone.training
     backbone.eval()
     out = []
-    prog = None if quiet else stmeta.Progress(len(ds), "embedding clips")
+    prog = None if quiet else stmeta.Progress(len(ds), "embedding clips" + (f" (augmented view {view})" if view else ""))
     batches = [list(range(j, min(j + batch, len(ds)))) for j in range(0, len(ds), batch)]
     for video, _ in data.loader(ds, batches, cfg.data.workers, cfg.seed, device):
         with stmeta.autocast(device, precision):
@@ -922,6 +925,10 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         raise stmeta.Refused(f"--meta.clusters={mc.clusters}: cluster episodes need a frozen backbone on "
                              f"unaugmented episodes (the embeddings are clustered once); drop --finetune, "
                              f"--meta.rotate_classes and --meta.max_shift")
+    if mc.train_views > 1 and feed != "embeddings":
+        raise stmeta.Refused(f"--meta.train_views={mc.train_views}: views are cached embeddings of a frozen backbone; "
+                             f"with --finetune, --meta.rotate_classes or --meta.max_shift every step augments "
+                             f"its clips already: drop --meta.train_views")
     frozen = feed != "loader"
     if frozen:
         backbone.requires_grad_(False)
@@ -944,7 +951,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     #           (rotated classes, translations), which must go through the backbone at every step
     #   clips_iter  end to end: DataLoader workers prepare each step's clips ahead of time
     # (mann_inputs says which: "embeddings", "clips", "loader")
-    emb = inputs = clips_iter = None
+    emb = views = inputs = clips_iter = None
     if feed == "embeddings":
         # kept across a resume, and reused only by a run with the same config and inputs
         emb_path = os.path.join(folder, "embeddings.pt")
@@ -959,6 +966,13 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                                                   "made_by": made_by})
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
+        if mc.train_views > 1:  # (V, N, D): view 0 the centred one, the others augmented; not saved
+            pool = cache.indices(class_split="meta_train")  # (recomputed on a resume: a pure function of the seed)
+            views = torch.stack([emb] + [embed_all(backbone, cache, cfg, device, precision, indices=pool,
+                                                   quiet=not dist.is_main, view=v) for v in range(1, mc.train_views)])
+            if dist.is_main:
+                print(f"training episodes read one of {mc.train_views} views of each meta-train clip (the centred "
+                      f"one and {mc.train_views - 1} augmented; flips {'on' if cfg.data.hflip else 'off'})")
         if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes
             train_eps = data.EpisodeMix([train_eps, cluster_episodes(cfg, cache, emb, asked_k_max, dist.is_main)],
                                         [1 - mc.cluster_share, mc.cluster_share])
@@ -985,8 +999,13 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     ddp_model = wrap_model(model, cfg, device, dist)
 
     # -- what one step reads
-    def episode_input(ep) -> torch.Tensor:
-        """(B, S, D): what the MANN reads at each step of a batch of (augmented) episodes."""
+    def episode_input(ep, key: int = 0) -> torch.Tensor:
+        """(B, S, D): what the MANN reads at each step of a batch of (augmented) episodes; `key`
+        (the step's) draws which view of each clip a training episode reads."""
+        if views is not None:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
+            pick = torch.randint(len(views), tuple(ep.clips.shape), generator=g).to(device)
+            return views[pick, ep.clips]
         if emb is not None:
             return emb[ep.clips]  # cached embeddings
         video = inputs[ep.clips.flatten()] if inputs is not None else next(clips_iter)[0].to(device, non_blocking=True)
@@ -1039,7 +1058,8 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             if cfg.compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the captured steps may be replayed
             with sync_if(ddp_model, dist, micro == mc.accum_steps - 1), stmeta.autocast(device, precision):
-                loss, ok = models.episode_loss(ddp_model, episode_input(ep), ep)
+                loss, ok = models.episode_loss(ddp_model, episode_input(ep, (step * mc.accum_steps + micro)
+                                                                        * dist.world_size + dist.rank), ep)
             (loss / mc.accum_steps).backward()
             meter.add(mc.batch_size * dist.world_size, loss=loss,
                       train_acc=(ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1))
@@ -1316,7 +1336,8 @@ def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> 
             work[name] = schedule(len(idx), ft.batch_size, world, ft.epochs, ft.max_steps, ft.accum_steps, 0)[1]
         elif name == "MANN meta-training":
             work[name] = mc.steps
-            work["embedding"] = len(cache.labels) if mann_inputs(cfg) == "embeddings" else 0
+            work["embedding"] = ((len(cache.labels) + (mc.train_views - 1) * len(cache.indices(class_split="meta_train")))
+                                 if mann_inputs(cfg) == "embeddings" else 0)
         elif name == "evaluation":
             work[name] = mc.test_episodes
             work["evaluation embedding"] = len(cache.indices(class_split="meta_test"))

@@ -138,6 +138,30 @@ def test_cluster_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
         run(str(tmp_path), tiny_data, "--meta.clusters=8", "--meta.cluster_share=1.5", stage=3, name="share")
 
 
+def test_train_views_give_each_training_clip_augmented_embeddings(tmp_path, tiny_data, capsys):
+    """--meta.train_views=V: every meta-train clip is embedded V times (the centred view and V - 1
+    augmented ones, each a pure function of the seed, so differing from the centred one), training
+    episodes read a random view, the report names the arm; refused where no embedding is cached."""
+    cache = data.ClipCache(tiny_data)
+    cfg = stmeta.preset_tiny()
+    backbone = models.build_backbone("mae", cfg.model.encoder, pool="space").eval()
+    pool = cache.indices(class_split="meta_train")
+    centred = train.embed_all(backbone, cache, cfg, torch.device("cpu"), "fp32", quiet=True)
+    aug = [train.embed_all(backbone, cache, cfg, torch.device("cpu"), "fp32", indices=pool, quiet=True, view=v)
+           for v in (1, 1, 2)]
+    torch.testing.assert_close(aug[0], aug[1])  # a view is reproducible
+    held_out = torch.as_tensor(cache.indices(class_split="meta_test"))
+    assert (aug[0][held_out] == 0).all()  # held-out clips are never augmented
+    assert not torch.allclose(aug[0][pool], centred[pool]) and not torch.allclose(aug[0][pool], aug[2][pool])
+    res, out = run(str(tmp_path), tiny_data, "--meta.train_views=3", "--meta.steps=3", stage=3)
+    assert "training episodes read one of 3 views of each meta-train clip" in capsys.readouterr().out
+    assert ", 3 views a clip" in open(os.path.join(out, "report.md")).read()
+    with pytest.raises(SystemExit, match="--meta.train_views=2: views are cached embeddings of a frozen backbone"):
+        run(str(tmp_path), tiny_data, "--meta.train_views=2", "--finetune", stage=3, name="tuned")
+    with pytest.raises(SystemExit, match=r"--meta.train_views=0: at least 1"):
+        run(str(tmp_path), tiny_data, "--meta.train_views=0", stage=3, name="zero")
+
+
 def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
     """--warm-start loads the whole MetaLearner of a frozen run (linear probing, then --finetune);
     a MANN of another shape, or a checkpoint that is not a stage-3 run, is refused up front."""
