@@ -774,11 +774,14 @@ def embed_all(backbone, cache, cfg, device, precision, indices=None, batch: int 
     return emb
 
 
+def step_seed(step: int, micro: int, mc: stmeta.MetaConfig, seed: int, dist: stmeta.Dist) -> int:
+    """The seed of one (step, micro-step, rank): what its episodes (and the views they read) draw from."""
+    return ((seed * 1_000_003 + step) * mc.accum_steps + micro) * dist.world_size + dist.rank
+
+
 def episodes_at(sampler, step: int, micro: int, mc: stmeta.MetaConfig, seed: int, dist: stmeta.Dist):
     """The batch of training episodes of one (step, micro-step, rank): a pure function of them."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * mc.accum_steps + micro) * dist.world_size
-                                      + dist.rank)
-    return sampler.sample(mc.batch_size, g)
+    return sampler.sample(mc.batch_size, torch.Generator().manual_seed(step_seed(step, micro, mc, seed, dist)))
 
 
 @torch.no_grad()
@@ -1001,9 +1004,9 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     # -- what one step reads
     def episode_input(ep, key: int = 0) -> torch.Tensor:
         """(B, S, D): what the MANN reads at each step of a batch of (augmented) episodes; `key`
-        (the step's) draws which view of each clip a training episode reads."""
+        (the step's step_seed) draws which view of each clip a training episode reads."""
         if views is not None:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + key)
+            g = torch.Generator().manual_seed(key)
             pick = torch.randint(len(views), tuple(ep.clips.shape), generator=g).to(device)
             return views[pick, ep.clips]
         if emb is not None:
@@ -1058,8 +1061,8 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             if cfg.compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the captured steps may be replayed
             with sync_if(ddp_model, dist, micro == mc.accum_steps - 1), stmeta.autocast(device, precision):
-                loss, ok = models.episode_loss(ddp_model, episode_input(ep, (step * mc.accum_steps + micro)
-                                                                        * dist.world_size + dist.rank), ep)
+                loss, ok = models.episode_loss(ddp_model, episode_input(ep, step_seed(step, micro, mc, cfg.seed, dist)),
+                                               ep)
             (loss / mc.accum_steps).backward()
             meter.add(mc.batch_size * dist.world_size, loss=loss,
                       train_acc=(ok & ep.is_query).sum() / ep.is_query.sum().clamp_min(1))
