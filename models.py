@@ -692,7 +692,8 @@ class VideoMAE(nn.Module):
             Block(Dd, cfg.decoder_heads, cfg.decoder_head_dim, cfg.decoder_mlp_ratio, cfg.decoder_qkv_bias,
                   enc.lsa, self.encoder.divided, eps=enc.norm_eps) for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(Dd, eps=enc.norm_eps)
-        self.decoder_pred = nn.Linear(Dd, self.t_pred * enc.patch_size ** 2 * enc.in_chans)
+        self.patch_dim = self.t_pred * enc.patch_size ** 2 * enc.in_chans  # P, one token's pixels
+        self.decoder_pred = nn.Linear(Dd, self.patch_dim * (2 if cfg.diff_target else 1))  # P' = P or 2P
         for name, module in self.named_children():
             if name != "encoder":
                 module.apply(init_vit_weights)
@@ -730,18 +731,24 @@ class VideoMAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, int(cls):]  # (B, L, P')
 
     def target(self, video: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The pixels each token predicts: (target (B, L, P'), mean, var (B, L, 1)); per-patch
-        normalised when norm_pix_loss (mean and var are then the patch's own statistics)."""
+        """What each token predicts: (target (B, L, P'), mean, var (B, L, 1)): its pixels (P
+        numbers), per-patch normalised when norm_pix_loss (mean and var are the pixels' own
+        statistics); with diff_target its frame differences follow (P more, normalised alike)."""
         T = video.shape[2]
         if self.pred_frames != T:  # mae_st: pred_t_dim frames evenly spread over the clip
             idx = torch.linspace(0, T - 1, self.pred_frames, device=video.device).long()
             video = video.index_select(2, idx)  # (B, C, T', H, W)
-        target = patchify(video, self.t_pred, self.cfg.encoder.patch_size)  # (B, L, P')
-        mean = target.mean(dim=-1, keepdim=True)  # (B, L, 1)
-        var = target.var(dim=-1, keepdim=True)  # unbiased, as mae_st
+        p, eps = self.cfg.encoder.patch_size, self.cfg.norm_pix_eps
+        pixels = patchify(video, self.t_pred, p)  # (B, L, P)
+        mean = pixels.mean(dim=-1, keepdim=True)  # (B, L, 1)
+        var = pixels.var(dim=-1, keepdim=True)  # unbiased, as mae_st
+        parts = [pixels]
+        if self.cfg.diff_target:
+            diff = torch.diff(video, dim=2, prepend=video[:, :, :1])  # (B, C, T', H, W), frame 0's is 0
+            parts.append(patchify(diff, self.t_pred, p))
         if self.cfg.norm_pix_loss:
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        return target, mean, var
+            parts = [(x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + eps) ** 0.5 for x in parts]
+        return torch.cat(parts, dim=-1), mean, var  # (B, L, P'), (B, L, 1) x 2
 
     def _predict(self, video, mask_ratio, generator):
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
@@ -773,8 +780,9 @@ class VideoMAE(nn.Module):
         linspace(0, T-1, pred_t_dim)). Paste visible input over it with the mask if wanted."""
         pred, mask, _ = self._predict(video, mask_ratio, generator)
         _, mean, var = self.target(video)
+        pred = pred[..., :self.patch_dim]  # the pixels (with diff_target, the differences follow)
         if self.cfg.norm_pix_loss:
-            pred = pred * (var + 1e-6) ** 0.5 + mean
+            pred = pred * (var + self.cfg.norm_pix_eps) ** 0.5 + mean
         B, C, T, H, W = video.shape
         p = self.cfg.encoder.patch_size
         recon = unpatchify(pred, self.t_pred, p, C, self.pred_frames, H, W)  # (B, C, T', H, W)
@@ -788,12 +796,14 @@ class VideoMAE(nn.Module):
         """(B, T') mean squared error per frame, over that frame's masked pixels (all pixels
         when the mask ratio is 0), in the loss's own target space (per-patch normalised when
         norm_pix_loss). Averaged over frames weighted by masked pixels it is the training
-        loss. T' as in `reconstruct`. The paper's Table 3 reads this at every 20th frame."""
+        loss. T' as in `reconstruct`. The paper's Table 3 reads this at every 20th frame. With
+        diff_target a pixel's error is the mean of its pixel and its frame-difference errors."""
         pred, mask, ratio = self._predict(video, mask_ratio, generator)
         target, _, _ = self.target(video)
         B, C, T, H, W = video.shape
         p = self.cfg.encoder.patch_size
-        err = unpatchify((pred - target) ** 2, self.t_pred, p, C, self.pred_frames, H, W)  # (B, C, T', H, W)
+        sq = ((pred - target) ** 2).view(B, pred.shape[1], -1, self.patch_dim).mean(dim=2)  # (B, L, P)
+        err = unpatchify(sq, self.t_pred, p, C, self.pred_frames, H, W)  # (B, C, T', H, W)
         if ratio == 0:
             return err.mean(dim=(1, 3, 4))  # (B, T')
         weight = unpatchify(mask[:, :, None].expand(-1, -1, self.t_pred * p * p * C), self.t_pred, p, C,

@@ -87,7 +87,14 @@ class MAEConfig:
     mask_ratio: float = 0.9  # MAE-ST's default; 0.8 and 0 (plain autoencoder) in section 4
     mask_type: str = "random"  # "random" (MAE-ST) | "tube" (VideoMAE; required with divided attention)
     norm_pix_loss: bool = True  # per-patch normalised target (MAE, VideoMAE)
+    # norm_pix_loss divides by sqrt(var + norm_pix_eps), var in normalised-pixel units. MAE,
+    # mae_st and VideoMAE use 1e-6: a flat patch's pixel noise becomes a unit-variance target.
+    norm_pix_eps: float = 1e-6
     pred_t_dim: int = 0  # frames the decoder predicts; 0 = all (mae_st predicts 8 of 16)
+    # Motion targets (as MotionMAE, Yang et al. 2022): each masked token also predicts its frame
+    # differences (frame t minus frame t-1 of the predicted frames, 0 for the first), normalised
+    # like the pixels; the loss averages the two halves. Off: the paper's MAE-ST predicts pixels.
+    diff_target: bool = False
 
 
 @dataclass

@@ -509,6 +509,31 @@ def test_mae_pred_t_dim_target_frames():
     assert torch.equal(target, patchify(x[:, :, [0, 3]], 1, 4))  # mae_st: linspace(0, T-1, 2) frames
 
 
+def test_diff_target_adds_each_tokens_frame_differences():
+    """diff_target (MotionMAE): the target is the pixels then frame t minus frame t-1 (0 for the
+    first frame), each half normalised per patch; pictures use the pixel half, and per_frame_loss
+    still averages to the loss."""
+    raw = VideoMAE(tiny_mae(diff_target=True, norm_pix_loss=False))
+    x = video()
+    target, _, _ = raw.target(x)
+    diff = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
+    assert torch.equal(target, torch.cat([patchify(x, 2, 4), patchify(diff, 2, 4)], dim=-1))
+    mae = VideoMAE(tiny_mae(diff_target=True, enc=dict(tubelet_size=1)))
+    loss, pred, mask = mae(x, generator=torch.Generator().manual_seed(5))
+    assert pred.shape == (2, 64, 2 * 4 * 4 * 3)
+    target, _, _ = mae.target(x)
+    halves = target.view(2, 64, 2, -1)
+    assert torch.allclose(halves.mean(-1)[:, 16:], torch.zeros(2, 48, 2), atol=1e-5)  # each half normalised (frame 0: no diff)
+    assert torch.allclose(halves.var(-1)[:, 16:], torch.ones(2, 48, 2), atol=1e-3)
+    per_frame = mae.per_frame_loss(x, generator=torch.Generator().manual_seed(5))
+    _, mask_video = mae.reconstruct(x, generator=torch.Generator().manual_seed(5))
+    weight = mask_video.sum((1, 3, 4))
+    assert torch.allclose((per_frame * weight).sum() / weight.sum(), loss, atol=1e-5)
+    mae.forward_decoder = lambda latent, ids_restore: target  # a perfect decoder: pictures are the input
+    recon, _ = mae.reconstruct(x, generator=torch.Generator().manual_seed(0))
+    assert recon.shape == x.shape and torch.allclose(recon, x, atol=1e-4)
+
+
 def test_reconstruct_denormalises_each_patch_with_its_own_statistics():
     mae = VideoMAE(tiny_mae())
     x = video()
