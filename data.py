@@ -2491,6 +2491,46 @@ class ShotMix:
         return self.samplers[j].sample(batch_size, generator)
 
 
+class ViewEpisodes(EpisodeSampler):
+    """Episodes whose classes are single clips and whose instances are augmented views of them
+    (Khodadadeh et al. 2019, UMTRA: unsupervised meta-learning with tasks constructed by random
+    sampling and augmentation), so clips without labels meta-train the MANN too: each episode
+    draws n_way distinct clips of `pool`, gives each a label, and shows k_shot + n_query distinct
+    views of each (support and query are never the same view: the query is another window and
+    crop of a clip the support holds). A step's index encodes (view v, clip i) as
+    n_clips * (1 + v) + i, above every cache index, so an episode can sit in one batch source
+    with labelled episodes; `split_view_index` decodes it."""
+
+    def __init__(self, pool_indices, n_clips: int, n_views: int, n_way: int, k_shot: int, n_query: int,
+                 layout: str = "support_query", seq_shots: int = 10):
+        if layout not in ("support_query", "sequence"):
+            raise DataError(f"episode layout must be 'support_query' or 'sequence', got {layout!r}")
+        self.n_way, self.k_shot, self.n_query, self.layout, self.seq_shots = n_way, k_shot, n_query, layout, seq_shots
+        self.rotations, self.max_shift, self.class_names, self.multi_label = False, 0, None, False
+        self.per_class = k_shot + n_query if layout == "support_query" else seq_shots
+        if self.per_class > n_views:
+            raise DataError(f"view episodes: {self._need()} shows {self.per_class} distinct views of each clip, "
+                            f"and each clip has {n_views}")
+        self.pool = np.unique(np.asarray(pool_indices, dtype=np.int64))
+        if len(self.pool) < n_way:
+            raise DataError(f"view episodes: {len(self.pool)} clips in the pool; {self._need()} needs {n_way}")
+        self.n_clips, self.n_views = int(n_clips), int(n_views)
+        self.classes = self.pool.tolist()
+
+    def _draw(self, generator: torch.Generator) -> tuple[list[np.ndarray], list[int]]:
+        chosen = self.pool[torch.randperm(len(self.pool), generator=generator)[: self.n_way].numpy()]
+        picks = [self.n_clips * (1 + torch.randperm(self.n_views, generator=generator)[: self.per_class].numpy()) + c
+                 for c in chosen]
+        return picks, [0] * self.n_way
+
+
+def split_view_index(clips: torch.Tensor, n_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViewEpisodes' step indices -> (view, clip); a plain cache index (< n_clips) -> (-1, itself)."""
+    virtual = clips >= n_clips
+    view = torch.where(virtual, clips // n_clips - 1, -1)
+    return view, torch.where(virtual, clips % n_clips, clips)
+
+
 class EpisodeMix:
     """Batches from several episode sources (EpisodeSampler or ShotMix): each `sample` draws
     source j with probability weights[j] (with the batch's generator, so a batch stays a pure

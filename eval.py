@@ -619,6 +619,8 @@ def describe_arm(ck: dict, cfg: stmeta.Config) -> dict[str, str]:
         kind += f", input dropout {mc.input_dropout:g}"
     if mc.train_views > 1:
         kind += f", {mc.train_views} views a clip"
+    if mc.view_episodes:  # semi-supervised meta-training: single clips as classes, their views as instances
+        kind += f" + view episodes ({mc.view_episodes:.0%} of batches)"
     if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes too
         kind += f" + cluster episodes ({mc.clusters} k-means clusters, {mc.cluster_share:.0%} of batches)"
     model = kind

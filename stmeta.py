@@ -251,6 +251,12 @@ class MetaConfig:
     # and each clip of a training episode reads one of its views, drawn at random. 1: the single
     # centred embedding. Held-out classes always read the centred view.
     train_views: int = 1
+    # Semi-supervised meta-training on views (Khodadadeh et al. 2019, UMTRA): > 0 draws this share
+    # of the meta-train batches from episodes whose classes are single clips of the pretraining
+    # pool (labelled or not; labels unused) and whose instances are distinct views of them
+    # (data.ViewEpisodes), K = k_shot..k_shot_max as far as train_views allows. Needs
+    # train_views >= k_shot + n_query. 0: labelled episodes only.
+    view_episodes: float = 0.0
     # Semi-supervised meta-training (Hsu et al. 2019, CACTUs): > 0 clusters the frozen embeddings
     # of every clip MAE pretraining may use (labels unused) into this many k-means clusters, and
     # draws a `cluster_share` of the meta-train batches from episodes whose classes are the
@@ -338,6 +344,11 @@ def check_config(cfg: Config) -> None:
     need(0 <= cfg.meta.cluster_share <= 1, "meta.cluster_share", "must be in [0, 1]: the share of batches "
          "drawn from cluster episodes")
     need(cfg.meta.train_views >= 1, "meta.train_views", "at least 1 (1: the centred view only)")
+    need(0 <= cfg.meta.view_episodes <= 1, "meta.view_episodes", "must be in [0, 1]: the share of batches "
+         "drawn from view episodes")
+    need(cfg.meta.view_episodes == 0 or cfg.meta.train_views >= cfg.meta.k_shot + cfg.meta.n_query,
+         "meta.view_episodes", f"needs meta.train_views >= k_shot + n_query ({cfg.meta.k_shot + cfg.meta.n_query}): "
+         f"a view episode shows distinct views of each clip (got train_views {cfg.meta.train_views})")
     need(cfg.meta.clusters == 0 or cfg.meta.clusters >= cfg.meta.n_way, "meta.clusters",
          f"0 (off) or at least meta.n_way ({cfg.meta.n_way}): an episode draws its classes from the clusters")
     need(cfg.mann.read_heads >= 0, "mann.read_heads", "0 (an LSTM with no memory) or more")

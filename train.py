@@ -896,6 +896,30 @@ def cluster_episodes(cfg: stmeta.Config, cache, emb: torch.Tensor, k_max: int, v
     return samplers[0] if len(samplers) == 1 else data.ShotMix(samplers)
 
 
+def view_pool(cache, mc: stmeta.MetaConfig) -> np.ndarray:
+    """The clips embedded in train_views views: the meta-train classes' clips, and with view
+    episodes every clip MAE pretraining may use (the unlabelled ones too)."""
+    return cache.pretrain_pool("meta_train") if mc.view_episodes else cache.indices(class_split="meta_train")
+
+
+def view_episodes(cfg: stmeta.Config, cache, k_max: int, verbose: bool) -> data.ViewEpisodes | data.ShotMix:
+    """Episodes whose classes are single clips of view_pool (labels unused) and whose instances
+    are their train_views views (data.ViewEpisodes), K = k_shot..k_max as far as the views allow."""
+    mc = cfg.meta
+    pool = view_pool(cache, mc)
+    last = max(mc.k_shot, min(k_max, mc.train_views - mc.n_query)) if mc.layout == "support_query" else mc.k_shot
+    try:
+        samplers = [data.ViewEpisodes(pool, len(cache.labels), mc.train_views, n_way=mc.n_way, k_shot=k,
+                                      n_query=mc.n_query, layout=mc.layout, seq_shots=mc.seq_shots)
+                    for k in range(mc.k_shot, last + 1)]
+    except data.DataError as e:
+        raise stmeta.Refused(f"--meta.view_episodes: {e}") from None
+    if verbose:
+        print(f"view episodes: {mc.view_episodes:.0%} of the batches, each class one of {len(pool)} clips "
+              f"(labels unused), its instances {mc.train_views} views, K = {mc.k_shot}..{last}")
+    return samplers[0] if len(samplers) == 1 else data.ShotMix(samplers)
+
+
 def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, dist: stmeta.Dist, args,
                encoder_state: dict | None) -> dict:
     mc = cfg.meta
@@ -970,7 +994,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
         if mc.train_views > 1:  # (V, N, D): view 0 the centred one, the others augmented; not saved
-            pool = cache.indices(class_split="meta_train")  # (recomputed on a resume: a pure function of the seed)
+            pool = view_pool(cache, mc)  # (recomputed on a resume: a pure function of the seed)
             views = torch.stack([emb] + [embed_all(backbone, cache, cfg, device, precision, indices=pool,
                                                    quiet=not dist.is_main, view=v) for v in range(1, mc.train_views)])
             if dist.is_main:
@@ -979,6 +1003,9 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes
             train_eps = data.EpisodeMix([train_eps, cluster_episodes(cfg, cache, emb, asked_k_max, dist.is_main)],
                                         [1 - mc.cluster_share, mc.cluster_share])
+        if mc.view_episodes:  # semi-supervised meta-training: each clip a class, its views the instances
+            train_eps = data.EpisodeMix([train_eps, view_episodes(cfg, cache, asked_k_max, dist.is_main)],
+                                        [1 - mc.view_episodes, mc.view_episodes])
     elif feed == "clips":
         inputs = clip_table(cache, cfg, device)
         if dist.is_main:
@@ -1008,7 +1035,8 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
         if views is not None:
             g = torch.Generator().manual_seed(key)
             pick = torch.randint(len(views), tuple(ep.clips.shape), generator=g).to(device)
-            return views[pick, ep.clips]
+            view, clip = data.split_view_index(ep.clips, len(cache.labels))  # a view episode names its views
+            return views[torch.where(view >= 0, view, pick), clip]
         if emb is not None:
             return emb[ep.clips]  # cached embeddings
         video = inputs[ep.clips.flatten()] if inputs is not None else next(clips_iter)[0].to(device, non_blocking=True)
@@ -1339,7 +1367,7 @@ def phase_work(plan: list[str], args, cfg: stmeta.Config, cache, world: int) -> 
             work[name] = schedule(len(idx), ft.batch_size, world, ft.epochs, ft.max_steps, ft.accum_steps, 0)[1]
         elif name == "MANN meta-training":
             work[name] = mc.steps
-            work["embedding"] = ((len(cache.labels) + (mc.train_views - 1) * len(cache.indices(class_split="meta_train")))
+            work["embedding"] = ((len(cache.labels) + (mc.train_views - 1) * len(view_pool(cache, mc)))
                                  if mann_inputs(cfg) == "embeddings" else 0)
         elif name == "evaluation":
             work[name] = mc.test_episodes

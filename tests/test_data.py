@@ -1193,6 +1193,32 @@ def test_episode_mix_draws_each_source_by_its_weight():
         data.EpisodeMix([one, three], [0.0, 0.0])
 
 
+def test_view_episodes_show_distinct_views_of_distinct_clips():
+    """UMTRA-style episodes: each class is one clip of the pool, its support and query steps are
+    distinct views of that clip, encoded above every cache index and decoded back exactly."""
+    n_clips, pool = 50, np.arange(10, 40)
+    eps = data.ViewEpisodes(pool, n_clips, n_views=6, n_way=5, k_shot=3, n_query=2)
+    ep = eps.sample(4, torch.Generator().manual_seed(0))
+    assert ep.clips.shape == (4, 25) and (ep.clips >= n_clips).all()
+    view, clip = data.split_view_index(ep.clips, n_clips)
+    assert ((0 <= view) & (view < 6)).all() and np.isin(clip.numpy(), pool).all()
+    for b in range(4):
+        for lab in range(5):
+            steps = ep.target[b] == lab
+            assert len(set(clip[b][steps].tolist())) == 1  # one clip per class ...
+            assert len(set(view[b][steps].tolist())) == 5  # ... shown in distinct views
+        assert len(set(clip[b].tolist())) == 5  # five different clips
+    a, b2 = (eps.sample(2, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b2))  # a pure function of the generator
+    plain = torch.tensor([0, 49])
+    assert data.split_view_index(plain, n_clips)[0].tolist() == [-1, -1]
+    assert torch.equal(data.split_view_index(plain, n_clips)[1], plain)
+    with pytest.raises(DataError, match="shows 7 distinct views of each clip, and each clip has 6"):
+        data.ViewEpisodes(pool, n_clips, n_views=6, n_way=5, k_shot=5, n_query=2)
+    with pytest.raises(DataError, match="3 clips in the pool"):
+        data.ViewEpisodes([1, 2, 3], n_clips, n_views=6, n_way=5, k_shot=1, n_query=1)
+
+
 def test_multi_label_clips_never_stand_for_two_classes_of_an_episode():
     rng = np.random.default_rng(0)
     labels = [sorted(set(rng.choice(6, size=rng.integers(1, 3), replace=False).tolist())) for _ in range(120)]

@@ -162,6 +162,23 @@ def test_train_views_give_each_training_clip_augmented_embeddings(tmp_path, tiny
         run(str(tmp_path), tiny_data, "--meta.train_views=0", stage=3, name="zero")
 
 
+def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
+    """--meta.view_episodes: a share of the batches are episodes of single clips shown in distinct
+    views (labels unused), the report names the arm; too few views for an episode is refused."""
+    res, out = run(str(tmp_path), tiny_data, "--meta.train_views=4", "--meta.view_episodes=0.5", "--meta.steps=3",
+                   "--labeled-fraction", "0.5", stage=3)
+    printed = capsys.readouterr().out
+    assert "view episodes: 50% of the batches, each class one of 144 clips (labels unused), its instances 4 views" \
+        in printed
+    assert "+ view episodes (50% of batches)" in open(os.path.join(out, "report.md")).read()
+    ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["config"]["meta"]["view_episodes"] == 0.5 and ck["step"] == 3
+    with pytest.raises(SystemExit, match=r"--meta.view_episodes=0.5: needs meta.train_views >= k_shot \+ n_query"):
+        run(str(tmp_path), tiny_data, "--meta.view_episodes=0.5", stage=3, name="noviews")
+    with pytest.raises(SystemExit, match=r"--meta.view_episodes=2.0: must be in \[0, 1\]"):
+        run(str(tmp_path), tiny_data, "--meta.train_views=4", "--meta.view_episodes=2", stage=3, name="share")
+
+
 def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
     """--warm-start loads the whole MetaLearner of a frozen run (linear probing, then --finetune);
     a MANN of another shape, or a checkpoint that is not a stage-3 run, is refused up front."""
