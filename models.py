@@ -742,12 +742,12 @@ class VideoMAE(nn.Module):
         pixels = patchify(video, self.t_pred, p)  # (B, L, P)
         mean = pixels.mean(dim=-1, keepdim=True)  # (B, L, 1)
         var = pixels.var(dim=-1, keepdim=True)  # unbiased, as mae_st
-        parts = [pixels]
+        parts = [(pixels - mean) / (var + eps) ** 0.5 if self.cfg.norm_pix_loss else pixels]
         if self.cfg.diff_target:
-            diff = torch.diff(video, dim=2, prepend=video[:, :, :1])  # (B, C, T', H, W), frame 0's is 0
-            parts.append(patchify(diff, self.t_pred, p))
-        if self.cfg.norm_pix_loss:
-            parts = [(x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + eps) ** 0.5 for x in parts]
+            diff = patchify(torch.diff(video, dim=2, prepend=video[:, :, :1]), self.t_pred, p)  # frame 0's is 0
+            if self.cfg.norm_pix_loss:
+                diff = (diff - diff.mean(dim=-1, keepdim=True)) / (diff.var(dim=-1, keepdim=True) + eps) ** 0.5
+            parts.append(diff)
         return torch.cat(parts, dim=-1), mean, var  # (B, L, P'), (B, L, 1) x 2
 
     def _predict(self, video, mask_ratio, generator):
@@ -806,7 +806,7 @@ class VideoMAE(nn.Module):
         err = unpatchify(sq, self.t_pred, p, C, self.pred_frames, H, W)  # (B, C, T', H, W)
         if ratio == 0:
             return err.mean(dim=(1, 3, 4))  # (B, T')
-        weight = unpatchify(mask[:, :, None].expand(-1, -1, self.t_pred * p * p * C), self.t_pred, p, C,
+        weight = unpatchify(mask[:, :, None].expand(-1, -1, self.patch_dim), self.t_pred, p, C,
                             self.pred_frames, H, W)  # (B, C, T', H, W)
         return (err * weight).sum(dim=(1, 3, 4)) / weight.sum(dim=(1, 3, 4)).clamp_min(1)  # (B, T')
 

@@ -597,7 +597,7 @@ def train_mae(cfg: stmeta.Config, cache, folder: str, device, precision: str, di
             if not when.running(step):
                 break
     end_phase(ddp_model, dist, step, total, folder, "MAE reconstruction",
-              loss_refs={"each patch's mean (1.0)": 1.0} if cfg.model.norm_pix_loss else None)
+              loss_refs={"each patch's mean (1.0; less with a large norm_pix_eps)": 1.0} if cfg.model.norm_pix_loss else None)
     return checkpoint("mae", cfg, model, optimizer, step, total, metrics)
 
 
