@@ -932,7 +932,9 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
 
     # -- episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
     #    meta-test classes for validation (never augmented)
-    asked_k_max = mc.k_shot_max  # episode_samplers lowers it to what the labelled clips allow
+    # episode_samplers lowers k_shot_max to what the labelled clips allow (run() called it first)
+    asked = RUN_INFO.get("k_shot_max_asked")
+    asked_k_max = mc.k_shot_max if asked is None else asked
     train_eps, val_eps = episode_samplers(cfg, cache)
     val_pool = cache.indices(class_split="meta_test")
     augment = mc.rotate_classes or mc.max_shift > 0
@@ -1276,6 +1278,7 @@ def prepare_run(args, overrides, dist, device_name):
     source_state = None
     RUN_INFO["init_kind"] = None  # load_source sets it: what the --init / --pretrained file was
     RUN_INFO["warm_start"] = None
+    RUN_INFO["k_shot_max_asked"] = None  # stage 3 sets it, before episode_samplers lowers meta.k_shot_max
     args.warm_state = warm_kind = None
     if args.warm_start:
         args.warm_state, warm_kind, source = warm_start(args, cfg)
@@ -1308,8 +1311,9 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.pretrain.max_steps = cfg.meta.pretrain_steps
     if args.stage == 3 and cfg.meta.pixels_channels == 0:  # grey data stays one channel for the pixels backbone
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
-    if args.stage == 3:
-        episode_samplers(cfg, cache)  # the episode shape against the data, before any phase spends time
+    if args.stage == 3:  # the episode shape against the data, before any phase spends time; it lowers
+        RUN_INFO["k_shot_max_asked"] = cfg.meta.k_shot_max  # k_shot_max to what the labels allow, and the
+        episode_samplers(cfg, cache)  # episodes without labels (views, clusters) take the K asked for
     # overrides were applied (and their keys checked) by resolve_config
     flip_given = any(stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) == "data.hflip"
                      for o in overrides)

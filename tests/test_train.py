@@ -166,10 +166,11 @@ def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
     """--meta.view_episodes: a share of the batches are episodes of single clips shown in distinct
     views (labels unused), the report names the arm; too few views for an episode is refused."""
     res, out = run(str(tmp_path), tiny_data, "--meta.train_views=4", "--meta.view_episodes=0.5", "--meta.steps=3",
-                   "--labeled-fraction", "0.5", stage=3)
+                   "--meta.k_shot_max=3", "--labeled-fraction", "0.5", stage=3)
     printed = capsys.readouterr().out
-    assert "view episodes: 50% of the batches, each class one of 144 clips (labels unused), its instances 4 views" \
-        in printed
+    assert "meta-train episodes: K = 1..2, not ..3" in printed  # 3 labelled clips a class ...
+    assert ("view episodes: 50% of the batches, each class one of 144 clips (labels unused), its instances 4 views, "
+            "K = 1..3") in printed  # ... and the views allow the K asked for
     assert "+ view episodes (50% of batches)" in open(os.path.join(out, "report.md")).read()
     ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
     assert ck["config"]["meta"]["view_episodes"] == 0.5 and ck["step"] == 3
