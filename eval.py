@@ -840,6 +840,15 @@ def cmd_ablation(args) -> dict:
 # labels: the semi-supervised sweep, accuracy against the fraction of meta-train labels
 
 
+def labels_used(cfg: stmeta.Config) -> float:
+    """The fraction of meta-train labels a run's MANN was meta-trained with: --labeled-fraction,
+    or 0 where every batch is episodes without labels (view or cluster episodes only)."""
+    mc = cfg.meta
+    if (mc.view_episodes == 1 and mc.train_views > 1) or (mc.clusters and mc.cluster_share == 1):
+        return 0.0
+    return cfg.data.labeled_fraction
+
+
 def cmd_labels(args) -> dict:
     """Each arm's held-out accuracy against the fraction of meta-train labels its MANN was
     meta-trained with (`train.py --labeled-fraction F`; the MAE saw every clip, unlabelled), from
@@ -848,6 +857,7 @@ def cmd_labels(args) -> dict:
     run could meta-train on: fewer labelled clips clamp K (1..5 becomes 1..4 at 10%), and the
     table row says so."""
     arms: dict[str, list[tuple[float, dict, str]]] = {}
+    ncm: dict[str, dict] = {}  # encoder -> its nearest class mean (a run's fewshot.json)
     n_way = None
     for run in args.runs:
         ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
@@ -861,7 +871,9 @@ def cmd_labels(args) -> dict:
         n_way = cfg.meta.n_way
         what = describe_arm(ck, cfg)
         shots = shot_range(cfg.meta) if cfg.meta.layout == "support_query" else f"{cfg.meta.seq_shots} a class"
-        arms.setdefault(f"{what['kind']} on {what['encoder']}", []).append((cfg.data.labeled_fraction, res["mann"], shots))
+        arms.setdefault(f"{what['kind']} on {what['encoder']}", []).append((labels_used(cfg), res["mann"], shots))
+        if "ncm" in res:  # the same encoder's nearest class mean needs no meta-train labels: the bar to clear
+            ncm.setdefault(what["encoder"], res["ncm"])
     for points in arms.values():
         points.sort(key=lambda p: p[0])  # by fraction (two runs at one fraction are both drawn)
     body = ["## Labels: accuracy against the fraction of meta-train labels (eval.py labels)\n",
@@ -874,11 +886,16 @@ def cmd_labels(args) -> dict:
         for frac, r, shots in reversed(points):
             body.append(f"| {name} | {100 * frac:g}% | {shots} | " + " | ".join(
                 f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
+    for encoder, r in ncm.items():
+        body.append(f"| nearest class mean on {encoder} (no meta-training) | 0% | - | " + " | ".join(
+            f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
     k = args.shots[0]
     series = {chart_label(name): ([100 * f for f, _, _ in pts], [r[k]["mean"] if k in r else None for _, r, _ in pts])
               for name, pts in arms.items()}
     stmeta.line_chart(args.out, series, title=f"{k}-shot accuracy on held-out classes against the labels used",
-                      xlabel="% of meta-train labels", ylabel="accuracy", refs={"chance": 1 / n_way}, y_from=0.0)
+                      xlabel="% of meta-train labels", ylabel="accuracy", y_from=0.0,
+                      refs={"chance": 1 / n_way, **{chart_label(f"NCM on {e}"): r[k]["mean"]
+                                                    for e, r in ncm.items() if k in r}})
     body.append(f"\n![labels sweep]({os.path.basename(args.out)})")
     print("\n".join(body))
     return {name: pts for name, pts in arms.items()}

@@ -369,6 +369,11 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
                       stage=3, name="mixhalf")
     swept = evaluate.main(["labels", "--runs", mix, mix_half, "--out", os.path.join(mix, "labels.png")])
     assert [[(f, shots) for f, _, shots in v] for v in swept.values()] == [[(0.5, "1- to 2-shot"), (1.0, "1- to 5-shot")]]
+    # a MANN meta-trained on view episodes alone used no labels: drawn at 0%
+    _, views = run(str(tmp_path), tiny_data, "--meta.train_views=2", "--meta.view_episodes=1", "--meta.steps=2",
+                   stage=3, name="viewsonly")
+    swept = evaluate.main(["labels", "--runs", s3, views, "--out", os.path.join(s3, "labels.png")])
+    assert sorted(f for v in swept.values() for f, *_ in v) == [0.0, 1.0]
 
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
     import numpy as np
