@@ -829,9 +829,16 @@ def draw_learning_curve(folder: str, cfg: stmeta.Config, val_eps) -> str:
     return path
 
 
-def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | data.ShotMix, data.EpisodeSampler]:
+def label_free(mc: stmeta.MetaConfig) -> bool:
+    """Every meta-train batch is episodes without labels (view or cluster episodes only)."""
+    return (mc.view_episodes == 1 and mc.train_views > 1) or (mc.clusters > 0 and mc.cluster_share == 1)
+
+
+def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | data.ShotMix | None,
+                                                         data.EpisodeSampler]:
     """Meta-train episodes (labelled clips of the meta-train classes, augmented as Santoro's
-    when asked; K = k_shot..k_shot_max when meta.k_shot_max asks for a mix) and validation
+    when asked; K = k_shot..k_shot_max when meta.k_shot_max asks for a mix; None where the
+    labelled clips cannot make one and no batch needs them, label_free) and validation
     episodes (held-out meta-test classes, never augmented, K = k_shot)."""
     mc = cfg.meta
     train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
@@ -855,7 +862,9 @@ def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | d
                     break
             train_eps = mix[0] if len(mix) == 1 else data.ShotMix(mix)
     except data.DataError as e:
-        raise stmeta.Refused(f"meta-train episodes: {e}") from None
+        if not label_free(mc):
+            raise stmeta.Refused(f"meta-train episodes: {e}") from None
+        train_eps = None  # every batch is view or cluster episodes: the labels are not needed
     try:
         val_eps = data.EpisodeSampler(cache, cache.indices(class_split="meta_test"), cache.classes_in("meta_test"),
                                       **ep_kw)
@@ -1002,12 +1011,16 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
             if dist.is_main:
                 print(f"training episodes read one of {mc.train_views} views of each meta-train clip (the centred "
                       f"one and {mc.train_views - 1} augmented; flips {'on' if cfg.data.hflip else 'off'})")
-        if mc.clusters:  # semi-supervised meta-training: the unlabelled clips' clusters as classes
-            train_eps = data.EpisodeMix([train_eps, cluster_episodes(cfg, cache, emb, asked_k_max, dist.is_main)],
-                                        [1 - mc.cluster_share, mc.cluster_share])
-        if mc.view_episodes:  # semi-supervised meta-training: each clip a class, its views the instances
-            train_eps = data.EpisodeMix([train_eps, view_episodes(cfg, cache, asked_k_max, dist.is_main)],
-                                        [1 - mc.view_episodes, mc.view_episodes])
+        # semi-supervised meta-training: the unlabelled clips' clusters as classes, or each clip a
+        # class and its views the instances (a source alone where the labelled episodes are None)
+        if mc.clusters:
+            clusters = cluster_episodes(cfg, cache, emb, asked_k_max, dist.is_main)
+            train_eps = clusters if train_eps is None else data.EpisodeMix(
+                [train_eps, clusters], [1 - mc.cluster_share, mc.cluster_share])
+        if mc.view_episodes:
+            by_view = view_episodes(cfg, cache, asked_k_max, dist.is_main)
+            train_eps = by_view if train_eps is None else data.EpisodeMix(
+                [train_eps, by_view], [1 - mc.view_episodes, mc.view_episodes])
     elif feed == "clips":
         inputs = clip_table(cache, cfg, device)
         if dist.is_main:

@@ -174,6 +174,12 @@ def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
     assert "+ view episodes (50% of batches)" in open(os.path.join(out, "report.md")).read()
     ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
     assert ck["config"]["meta"]["view_episodes"] == 0.5 and ck["step"] == 3
+    # one labelled clip a class makes no labelled episode: refused, unless no batch needs labels
+    with pytest.raises(SystemExit, match="meta-train episodes: class .* has 1 clips in this pool"):
+        run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", stage=3, name="onelabel")
+    _, free = run(str(tmp_path), tiny_data, "--meta.train_views=2", "--meta.view_episodes=1", "--meta.steps=2",
+                  "--labeled-fraction", "0.1", stage=3, name="labelfree")
+    assert stmeta.load_checkpoint(os.path.join(free, "last.pt"))["step"] == 2
     with pytest.raises(SystemExit, match=r"--meta.view_episodes=0.5: needs meta.train_views >= k_shot \+ n_query"):
         run(str(tmp_path), tiny_data, "--meta.view_episodes=0.5", stage=3, name="noviews")
     with pytest.raises(SystemExit, match=r"--meta.view_episodes=2.0: must be in \[0, 1\]"):
