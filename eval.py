@@ -849,6 +849,14 @@ def labels_used(cfg: stmeta.Config) -> float:
     return cfg.data.labeled_fraction
 
 
+def view_shot_range(ck: dict, mc: stmeta.MetaConfig) -> str:
+    """The K range of a run's view episodes (train.py saves it; a run from before says so)."""
+    k_max = ck.get("metrics", {}).get("view_k_shot_max")
+    if k_max is None:
+        return "K not recorded"
+    return f"{mc.k_shot}- to {k_max}-shot" if k_max > mc.k_shot else f"{mc.k_shot}-shot"
+
+
 def cmd_labels(args) -> dict:
     """Each arm's held-out accuracy against the fraction of meta-train labels its MANN was
     meta-trained with (`train.py --labeled-fraction F`; the MAE saw every clip, unlabelled), from
@@ -871,6 +879,9 @@ def cmd_labels(args) -> dict:
         n_way = cfg.meta.n_way
         what = describe_arm(ck, cfg)
         shots = shot_range(cfg.meta) if cfg.meta.layout == "support_query" else f"{cfg.meta.seq_shots} a class"
+        if cfg.meta.view_episodes:  # view episodes take the K asked for, whatever the labels allow
+            views = view_shot_range(ck, cfg.meta)
+            shots = f"views {views}" if labels_used(cfg) == 0 else f"{shots}; views {views}"
         arms.setdefault(f"{what['kind']} on {what['encoder']}", []).append((labels_used(cfg), res["mann"], shots))
         if "ncm" in res:  # the same encoder's nearest class mean needs no meta-train labels: the bar to clear
             ncm.setdefault(what["encoder"], res["ncm"])

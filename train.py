@@ -1019,6 +1019,7 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                 [train_eps, clusters], [1 - mc.cluster_share, mc.cluster_share])
         if mc.view_episodes:
             by_view = view_episodes(cfg, cache, asked_k_max, dist.is_main)
+            metrics["view_k_shot_max"] = max(by_view.k_shots) if isinstance(by_view, data.ShotMix) else by_view.k_shot
             train_eps = by_view if train_eps is None else data.EpisodeMix(
                 [train_eps, by_view], [1 - mc.view_episodes, mc.view_episodes])
     elif feed == "clips":
