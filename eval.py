@@ -849,6 +849,17 @@ def labels_used(cfg: stmeta.Config) -> float:
     return cfg.data.labeled_fraction
 
 
+def labels_chart_name(name: str) -> str:
+    """An arm of the labels chart in a few words: what reads which features, and the recipe's
+    parts that change between arms (the table keeps the whole name)."""
+    name = chart_label(name)
+    for pattern, short in ((r", tokens pooled `\w+`", ""), (r", no labels", ""), (r" \(100% of batches\)", " only"),
+                           (r" \(\d+% of batches\)", ""), (r", input dropout [0-9.]+", ""),
+                           (r", (\d+) views a clip", r", \1 views"), (r"MAE encoder", "MAE")):
+        name = re.sub(pattern, short, name)
+    return name
+
+
 def view_shot_range(ck: dict, mc: stmeta.MetaConfig) -> str:
     """The K range of a run's view episodes (train.py saves it; a run from before says so)."""
     k_max = ck.get("metrics", {}).get("view_k_shot_max")
@@ -901,11 +912,15 @@ def cmd_labels(args) -> dict:
         body.append(f"| nearest class mean on {encoder} (no meta-training) | 0% | - | " + " | ".join(
             f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
     k = args.shots[0]
-    series = {chart_label(name): ([100 * f for f, _, _ in pts], [r[k]["mean"] if k in r else None for _, r, _ in pts])
+    # the fractions as evenly spaced categories (0%, 5%, 10%, 100% are unreadable on a linear axis)
+    where = {f: i for i, f in enumerate(sorted({f for pts in arms.values() for f, _, _ in pts}))}
+    series = {labels_chart_name(name): ([where[f] for f, _, _ in pts], [r[k]["mean"] if k in r else None
+                                                                        for _, r, _ in pts])
               for name, pts in arms.items()}
     stmeta.line_chart(args.out, series, title=f"{k}-shot accuracy on held-out classes against the labels used",
-                      xlabel="% of meta-train labels", ylabel="accuracy", y_from=0.0,
-                      refs={"chance": 1 / n_way, **{chart_label(f"NCM on {e}"): r[k]["mean"]
+                      xlabel="meta-train labels", ylabel="accuracy", y_from=0.0,
+                      xticks={i: f"{100 * f:g}%" for f, i in where.items()},
+                      refs={"chance": 1 / n_way, **{labels_chart_name(f"NCM on {e}"): r[k]["mean"]
                                                     for e, r in ncm.items() if k in r}})
     body.append(f"\n![labels sweep]({os.path.basename(args.out)})")
     print("\n".join(body))

@@ -1126,17 +1126,28 @@ def _fmt_tick(v: float) -> str:
 
 def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "", xlabel: str = "",
                ylabel: str = "", size: tuple[int, int] = (640, 400), logy: bool = False,
-               refs: dict[str, float] | None = None, y_from: float | None = None) -> None:
+               refs: dict[str, float] | None = None, y_from: float | None = None,
+               xticks: dict[float, str] | None = None) -> None:
     """One PNG with a line per series: {name: (xs, ys)}, axes with ticks, and a legend.
     `refs` are labelled dashed horizontal lines (chance, ln(n_way), a baseline), always inside
     the y-range; `y_from` fixes the bottom of the y-axis (e.g. 0 for an accuracy), so that a
-    flat curve at a reference line is not zoomed into something that looks like learning."""
+    flat curve at a reference line is not zoomed into something that looks like learning;
+    `xticks` ({x: label}) replaces the x-axis's numbers (categories placed at 0, 1, 2, ...)."""
     from PIL import Image, ImageDraw
     W, H = size
-    left, right, top, bottom = 64, 16, 54, 48  # the legend has a row of its own under the title
+    font, small = _font(13), _font(11)
+    # the legend: rows of its own under the title, as many as the names need, so it never covers a line
+    rows, width = [[]], 0.0
+    for name in series:
+        w = 28 + small.getlength(name) + 16
+        if rows[-1] and width + w > W - 8:
+            rows.append([])
+            width = 0.0
+        rows[-1].append((name, w))
+        width += w
+    left, right, top, bottom = 64, 16, 40 + 14 * len(rows), 48
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    font, small = _font(13), _font(11)
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     if logy:
         pts = [(x, math.log10(y)) for x, y in pts if y > 0]
@@ -1163,11 +1174,11 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
             d.line([(left, yy), (W - right, yy)], fill=(232, 232, 232))
             label = _fmt_tick(10 ** t) if logy else _fmt_tick(t)
             d.text((left - 6, yy), label, fill="black", font=small, anchor="rm")
-    for t in _nice_ticks(x0, x1):
+    for t, label in (xticks.items() if xticks else ((t, _fmt_tick(t)) for t in _nice_ticks(x0, x1))):
         if x0 <= t <= x1:
             xx, _ = px(t, y0)
             d.line([(xx, H - bottom), (xx, H - bottom + 4)], fill="black")
-            d.text((xx, H - bottom + 6), _fmt_tick(t), fill="black", font=small, anchor="mt")
+            d.text((xx, H - bottom + 6), label, fill="black", font=small, anchor="mt")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for name, v in refs.items():  # dashed, grey, labelled at the right end of the line
         _, yy = px(x0, v)
@@ -1183,15 +1194,13 @@ def line_chart(path: str, series: dict[str, tuple[list, list]], title: str = "",
             d.line(xy, fill=color, width=2)
         for p in xy if len(xy) <= 30 else []:
             d.ellipse([p[0] - 2.5, p[1] - 2.5, p[0] + 2.5, p[1] + 2.5], fill=color)
-    # legend: one row above the plot, so it never covers a line
-    widths = [28 + small.getlength(name) + 16 for name in series]
-    if sum(widths) > W - 8:  # too many names for the row: closer together, from the left edge
-        widths = [25 + small.getlength(name) + 6 for name in series]
-    lx, ly = max(4, (left + W - right - sum(widths)) / 2), top - 11
-    for i, (name, w) in enumerate(zip(series, widths)):
-        d.line([(lx, ly), (lx + 20, ly)], fill=PALETTE[i % len(PALETTE)], width=3)
-        d.text((lx + 25, ly), name, fill="black", font=small, anchor="lm")
-        lx += w
+    i = 0
+    for r, row in enumerate(rows):  # each row centred above the plot
+        lx, ly = max(4, (left + W - right - sum(w for _, w in row)) / 2), 36 + 14 * r
+        for name, w in row:
+            d.line([(lx, ly), (lx + 20, ly)], fill=PALETTE[i % len(PALETTE)], width=3)
+            d.text((lx + 25, ly), name, fill="black", font=small, anchor="lm")
+            lx, i = lx + w, i + 1
     d.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
     d.text(((left + W - right) / 2, H - 8), xlabel, fill="black", font=font, anchor="mb")
     ylab = Image.new("RGB", (H, 18), "white")
