@@ -863,7 +863,9 @@ def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | d
             train_eps = mix[0] if len(mix) == 1 else data.ShotMix(mix)
     except data.DataError as e:
         if not label_free(mc):
-            raise stmeta.Refused(f"meta-train episodes: {e}") from None
+            hint = ("; with fewer labels than an episode needs, meta-train on view episodes alone: "
+                    "--meta.train_views=8 --meta.view_episodes=1" if cfg.data.labeled_fraction < 1 else "")
+            raise stmeta.Refused(f"meta-train episodes: {e}{hint}") from None
         train_eps = None  # every batch is view or cluster episodes: the labels are not needed
     try:
         val_eps = data.EpisodeSampler(cache, cache.indices(class_split="meta_test"), cache.classes_in("meta_test"),
@@ -942,6 +944,10 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     # -- episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
     #    meta-test classes for validation (never augmented)
     # episode_samplers lowers k_shot_max to what the labelled clips allow (run() called it first)
+    if cfg.data.labeled_fraction < 1 and not (mc.view_episodes or mc.clusters) and dist.is_main:
+        print(f"note: {cfg.data.labeled_fraction:.0%} of the labels and labelled episodes only: with a few labelled "
+              f"clips a class the MANN fits them; --meta.input_dropout=0.5 --meta.train_views=8 "
+              f"--meta.view_episodes=0.5 meta-trains on the unlabelled clips too (README: view episodes)")
     asked = RUN_INFO.get("k_shot_max_asked")
     asked_k_max = mc.k_shot_max if asked is None else asked
     train_eps, val_eps = episode_samplers(cfg, cache)
