@@ -2506,7 +2506,7 @@ class ViewEpisodes(EpisodeSampler):
         if layout not in ("support_query", "sequence"):
             raise DataError(f"episode layout must be 'support_query' or 'sequence', got {layout!r}")
         self.n_way, self.k_shot, self.n_query, self.layout, self.seq_shots = n_way, k_shot, n_query, layout, seq_shots
-        self.rotations, self.max_shift, self.class_names, self.multi_label = False, 0, None, False
+        self.max_shift = 0  # sample() reads it: view episodes are never translated
         self.per_class = k_shot + n_query if layout == "support_query" else seq_shots
         if self.per_class > n_views:
             raise DataError(f"view episodes: {self._need()} shows {self.per_class} distinct views of each clip, "
@@ -2515,7 +2515,6 @@ class ViewEpisodes(EpisodeSampler):
         if len(self.pool) < n_way:
             raise DataError(f"view episodes: {len(self.pool)} clips in the pool; {self._need()} needs {n_way}")
         self.n_clips, self.n_views = int(n_clips), int(n_views)
-        self.classes = self.pool.tolist()
 
     def _draw(self, generator: torch.Generator) -> tuple[list[np.ndarray], list[int]]:
         chosen = self.pool[torch.randperm(len(self.pool), generator=generator)[: self.n_way].numpy()]
@@ -2525,7 +2524,8 @@ class ViewEpisodes(EpisodeSampler):
 
 
 def split_view_index(clips: torch.Tensor, n_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ViewEpisodes' step indices -> (view, clip); a plain cache index (< n_clips) -> (-1, itself)."""
+    """ViewEpisodes' step indices (any shape) -> (view, clip), each that shape; a plain cache index
+    (< n_clips) -> (-1, itself)."""
     virtual = clips >= n_clips
     view = torch.where(virtual, clips // n_clips - 1, -1)
     return view, torch.where(virtual, clips % n_clips, clips)

@@ -843,10 +843,7 @@ def cmd_ablation(args) -> dict:
 def labels_used(cfg: stmeta.Config) -> float:
     """The fraction of meta-train labels a run's MANN was meta-trained with: --labeled-fraction,
     or 0 where every batch is episodes without labels (view or cluster episodes only)."""
-    mc = cfg.meta
-    if (mc.view_episodes == 1 and mc.train_views > 1) or (mc.clusters and mc.cluster_share == 1):
-        return 0.0
-    return cfg.data.labeled_fraction
+    return 0.0 if stmeta.label_free(cfg.meta) else cfg.data.labeled_fraction
 
 
 def labels_chart_name(name: str) -> str:
@@ -904,13 +901,15 @@ def cmd_labels(args) -> dict:
             "episodes, mean +- 95% CI.\n",
             "| arm | labels | meta-trained on | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
             "|---|--:|---|" + "--:|" * len(args.shots)]
+    def cells(r: dict) -> str:
+        return " | ".join(f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-"
+                          for k in args.shots) + " |"
+
     for name, points in arms.items():
         for frac, r, shots in reversed(points):
-            body.append(f"| {name} | {100 * frac:g}% | {shots} | " + " | ".join(
-                f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
+            body.append(f"| {name} | {100 * frac:g}% | {shots} | " + cells(r))
     for encoder, r in ncm.items():
-        body.append(f"| nearest class mean on {encoder} (no meta-training) | 0% | - | " + " | ".join(
-            f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['ci95']:.1f}" if k in r else "-" for k in args.shots) + " |")
+        body.append(f"| nearest class mean on {encoder} (no meta-training) | 0% | - | " + cells(r))
     k = args.shots[0]
     # the fractions as evenly spaced categories (0%, 5%, 10%, 100% are unreadable on a linear axis)
     where = {f: i for i, f in enumerate(sorted({f for pts in arms.values() for f, _, _ in pts}))}

@@ -303,6 +303,12 @@ CHOICES = {
 }
 
 
+def label_free(mc: MetaConfig) -> bool:
+    """Every meta-train batch is episodes without labels: view episodes only (check_config makes
+    sure there are views for them) or cluster episodes only."""
+    return mc.view_episodes == 1 or (mc.clusters > 0 and mc.cluster_share == 1)
+
+
 def check_config(cfg: Config) -> None:
     """Every field's own range, and the cross-checks within the config, before any work:
     raises Refused naming the first bad value and what would be valid. The checks that need

@@ -829,16 +829,11 @@ def draw_learning_curve(folder: str, cfg: stmeta.Config, val_eps) -> str:
     return path
 
 
-def label_free(mc: stmeta.MetaConfig) -> bool:
-    """Every meta-train batch is episodes without labels (view or cluster episodes only)."""
-    return (mc.view_episodes == 1 and mc.train_views > 1) or (mc.clusters > 0 and mc.cluster_share == 1)
-
-
 def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | data.ShotMix | None,
                                                          data.EpisodeSampler]:
     """Meta-train episodes (labelled clips of the meta-train classes, augmented as Santoro's
     when asked; K = k_shot..k_shot_max when meta.k_shot_max asks for a mix; None where the
-    labelled clips cannot make one and no batch needs them, label_free) and validation
+    labelled clips cannot make one and no batch needs them, stmeta.label_free) and validation
     episodes (held-out meta-test classes, never augmented, K = k_shot)."""
     mc = cfg.meta
     train_pool = data.labelled_subset(cache, cache.indices(class_split="meta_train"), cfg.data.labeled_fraction,
@@ -862,7 +857,7 @@ def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | d
                     break
             train_eps = mix[0] if len(mix) == 1 else data.ShotMix(mix)
     except data.DataError as e:
-        if not label_free(mc):
+        if not stmeta.label_free(mc):
             hint = ("; with fewer labels than an episode needs, meta-train on view episodes alone: "
                     "--meta.train_views=8 --meta.view_episodes=1" if cfg.data.labeled_fraction < 1 else "")
             raise stmeta.Refused(f"meta-train episodes: {e}{hint}") from None
