@@ -647,9 +647,12 @@ def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
                             (f"shifts up to {mc.max_shift} px", mc.max_shift)) if on]
     aug = f"; augmented: {', '.join(aug)}" if aug else ""
     shots = f" (meta-trained {shot_range(mc)})" if mc.layout == "support_query" and mc.k_shot_max <= mc.k_shot else ""
+    labels = (" Labels: none read (every meta-train batch is episodes without labels)." if stmeta.label_free(mc) else
+              f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips." if
+              cfg.data.labeled_fraction < 1 else "")
     return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), "
             f"preset `{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes{shots}; budget {ck.get('step')} steps x "
-            f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.")
+            f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.{labels}")
 
 
 def fewshot(run: str, device: str = "auto", cache=None, shots=(1, 5), episodes: int | None = None,

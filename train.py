@@ -157,6 +157,25 @@ def resolve_config(args, overrides, device) -> stmeta.Config:
     return cfg
 
 
+def semi_supervised_recipe(cfg: stmeta.Config, overrides, stage: int) -> list[str]:
+    """Stage 3 on a frozen backbone with --labeled-fraction below 1: stmeta.SEMI_SUPERVISED for
+    each of its fields the command line leaves unset, so the MANN meta-trains on the unlabelled
+    clips too (view episodes) and not only on the few labelled ones. -> the fields it set."""
+    if stage != 3 or cfg.data.labeled_fraction >= 1 or mann_inputs(cfg) != "embeddings":
+        return []
+    given = {stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) for o in overrides}
+    if "meta.clusters" in given:  # the user's own semi-supervised episodes: no view episodes on top
+        given.add("meta.view_episodes")
+    filled = [k for k in stmeta.SEMI_SUPERVISED if k not in given]
+    for key in filled:
+        stmeta.set_config(cfg, key, stmeta.SEMI_SUPERVISED[key])
+    mc = cfg.meta
+    if "meta.view_episodes" in filled and mc.train_views < mc.k_shot + mc.n_query:  # the user's few views
+        mc.view_episodes = 0.0  # cannot make a view episode (check_config's rule): leave them off
+        filled.remove("meta.view_episodes")
+    return filled
+
+
 def default_out(stage: int, resume: bool) -> str:
     base = os.path.join("runs", f"stage{stage}")
     taken = [base] + [f"{base}-{i}" for i in range(2, 1000)]
@@ -939,7 +958,8 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
     # -- episodes: meta-train classes for training (augmented as Santoro's when asked), held-out
     #    meta-test classes for validation (never augmented)
     # episode_samplers lowers k_shot_max to what the labelled clips allow (run() called it first)
-    if cfg.data.labeled_fraction < 1 and not (mc.view_episodes or mc.clusters) and dist.is_main:
+    if (cfg.data.labeled_fraction < 1 and not (mc.view_episodes or mc.clusters) and mann_inputs(cfg) == "embeddings"
+            and dist.is_main):
         print(f"note: {cfg.data.labeled_fraction:.0%} of the labels and labelled episodes only: with a few labelled "
               f"clips a class the MANN fits them; --meta.input_dropout=0.5 --meta.train_views=8 "
               f"--meta.view_episodes=0.5 meta-trains on the unlabelled clips too (README: view episodes)")
@@ -1312,6 +1332,11 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.model.mask_ratio = mask_ratio
         if args.warm_start:  # the encoder is named by what the warm run's encoder was (an MAE, ...)
             RUN_INFO.update(init_kind=warm_kind, warm_start=os.path.abspath(args.warm_start))
+    filled = semi_supervised_recipe(cfg, overrides, args.stage)
+    if filled and dist.is_main:
+        print(f"labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips; the semi-supervised recipe sets " +
+              " ".join(f"--{k}={stmeta.SEMI_SUPERVISED[k]}" for k in filled) + " (README, Results: view "
+              "episodes; give any of them to choose it yourself)")
     stmeta.check_config(cfg)
     precision = stmeta.resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -1328,7 +1353,16 @@ def prepare_run(args, overrides, dist, device_name):
         cfg.meta.pixels_channels = 1 if cache.grey else cfg.model.encoder.in_chans
     if args.stage == 3:  # the episode shape against the data, before any phase spends time; it lowers
         RUN_INFO["k_shot_max_asked"] = cfg.meta.k_shot_max  # k_shot_max to what the labels allow, and the
-        episode_samplers(cfg, cache)  # episodes without labels (views, clusters) take the K asked for
+        try:  # episodes without labels (views, clusters) take the K asked for
+            episode_samplers(cfg, cache)
+        except stmeta.Refused as e:
+            if "meta.view_episodes" not in filled or stmeta.label_free(cfg.meta):
+                raise
+            cfg.meta.view_episodes = 1.0  # the recipe's own choice, so it may go all the way
+            if dist.is_main:
+                print(f"semi-supervised recipe: {str(e).split(';')[0]}; so every batch is view episodes "
+                      f"(--meta.view_episodes=1): the MANN reads no label")
+            episode_samplers(cfg, cache)
     # overrides were applied (and their keys checked) by resolve_config
     flip_given = any(stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) == "data.hflip"
                      for o in overrides)

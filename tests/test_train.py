@@ -175,9 +175,10 @@ def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
     ck = stmeta.load_checkpoint(os.path.join(out, "last.pt"))
     assert ck["config"]["meta"]["view_episodes"] == 0.5 and ck["step"] == 3 and ck["metrics"]["view_k_shot_max"] == 3
     assert evaluate.view_shot_range(ck, stmeta.config_from_dict(stmeta.Config, ck["config"]).meta) == "1- to 3-shot"
-    # one labelled clip a class makes no labelled episode: refused, unless no batch needs labels
+    # one labelled clip a class makes no labelled episode: refused when labelled episodes are asked
+    # for, unless no batch needs labels
     with pytest.raises(SystemExit, match="meta-train episodes: class .* has 1 clips in this pool.*--meta.view_episodes=1"):
-        run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", stage=3, name="onelabel")
+        run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", "--meta.view_episodes=0", stage=3, name="onelabel")
     _, free = run(str(tmp_path), tiny_data, "--meta.train_views=2", "--meta.view_episodes=1", "--meta.steps=2",
                   "--labeled-fraction", "0.1", stage=3, name="labelfree")
     assert stmeta.load_checkpoint(os.path.join(free, "last.pt"))["step"] == 2
@@ -185,6 +186,47 @@ def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
         run(str(tmp_path), tiny_data, "--meta.view_episodes=0.5", stage=3, name="noviews")
     with pytest.raises(SystemExit, match=r"--meta.view_episodes=2.0: must be in \[0, 1\]"):
         run(str(tmp_path), tiny_data, "--meta.train_views=4", "--meta.view_episodes=2", stage=3, name="share")
+
+
+def test_few_labels_take_the_semi_supervised_recipe(tmp_path, tiny_data, capsys):
+    """--labeled-fraction below 1 on a frozen backbone fills in stmeta.SEMI_SUPERVISED for each field
+    the command line leaves unset; too few labels for a labelled episode: view episodes alone;
+    a backbone trained end to end (no cached views) and every label keep the config as it is."""
+    def meta_of(out):
+        return stmeta.load_checkpoint(os.path.join(out, "last.pt"))["config"]["meta"]
+
+    _, half = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", "--meta.steps=1", stage=3, name="half")
+    assert "the semi-supervised recipe sets --meta.input_dropout=0.5 --meta.train_views=8 --meta.view_episodes=0.5" \
+        in capsys.readouterr().out
+    mc = meta_of(half)
+    assert (mc["input_dropout"], mc["train_views"], mc["view_episodes"]) == (0.5, 8, 0.5)
+    report = open(os.path.join(half, "report.md")).read()
+    assert "+ view episodes (50% of batches)" in report and "Labels: 50% of each meta-train class's clips." in report
+    # the user's own values win; the recipe fills in the rest
+    _, own = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", "--meta.input_dropout=0.2",
+                 "--meta.train_views=2", "--meta.steps=1", stage=3, name="own")
+    mc = meta_of(own)
+    assert (mc["input_dropout"], mc["train_views"], mc["view_episodes"]) == (0.2, 2, 0.5)
+    # one labelled clip a class: no labelled episode, so every batch is view episodes (no label read)
+    _, one = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", "--meta.steps=1", stage=3, name="one")
+    printed = capsys.readouterr().out
+    assert "semi-supervised recipe: meta-train episodes: class" in printed and "--meta.view_episodes=1" in printed
+    assert "Labels: none read" in open(os.path.join(one, "report.md")).read()
+    assert meta_of(one)["view_episodes"] == 1.0 and stmeta.label_free(stmeta.config_from_dict(
+        stmeta.Config, stmeta.load_checkpoint(os.path.join(one, "last.pt"))["config"]).meta)
+    # views need a frozen backbone's cached embeddings: end to end the recipe does not apply
+    cfg = stmeta.get_preset("tiny")
+    cfg.data.labeled_fraction, cfg.meta.freeze_backbone = 0.5, False
+    assert train.semi_supervised_recipe(cfg, [], stage=3) == [] and cfg.meta.train_views == 1
+    cfg = stmeta.get_preset("tiny")
+    assert train.semi_supervised_recipe(cfg, [], stage=3) == [] and cfg.meta.view_episodes == 0  # every label
+    cfg.data.labeled_fraction = 0.5  # the user's own semi-supervised episodes: no view episodes on top
+    assert train.semi_supervised_recipe(cfg, ["--meta.clusters=8"], stage=3) == ["meta.input_dropout",
+                                                                                "meta.train_views"]
+    cfg = stmeta.get_preset("tiny")
+    cfg.data.labeled_fraction = 0.5  # one view cannot make a view episode: they stay off
+    assert train.semi_supervised_recipe(cfg, ["--train_views=1"], stage=3) == ["meta.input_dropout"]
+    assert cfg.meta.view_episodes == 0
 
 
 def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
@@ -366,14 +408,16 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     assert "Ablation" in report and "Few-shot" in report  # sections side by side
     assert os.path.exists(os.path.join(s3, "ablation_1shot.png"))
 
-    _, half = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", "--meta.steps=2", stage=3, name="s3half")
+    plain = ("--meta.view_episodes=0", "--meta.train_views=1", "--meta.input_dropout=0")  # not the recipe: one arm
+    _, half = run(str(tmp_path), tiny_data, "--labeled-fraction", "0.5", *plain, "--meta.steps=2", stage=3,
+                  name="s3half")
     swept = evaluate.main(["labels", "--runs", s3, half, sc, "--out", os.path.join(s3, "labels.png")])
     assert sorted(len(v) for v in swept.values()) == [1, 2]  # the MAE arm at 100% and 50%, the scratch arm
     assert {f for v in swept.values() for f, *_ in v} == {1.0, 0.5} and os.path.exists(os.path.join(s3, "labels.png"))
     # fewer labels clamp a mixed-shot run's K (6 clips a class: 1..5; half of them: 1..2); still one arm
     _, mix = run(str(tmp_path), tiny_data, "--meta.k_shot_max=5", "--meta.steps=2", stage=3, name="mix")
-    _, mix_half = run(str(tmp_path), tiny_data, "--meta.k_shot_max=5", "--labeled-fraction", "0.5", "--meta.steps=2",
-                      stage=3, name="mixhalf")
+    _, mix_half = run(str(tmp_path), tiny_data, "--meta.k_shot_max=5", "--labeled-fraction", "0.5", *plain,
+                      "--meta.steps=2", stage=3, name="mixhalf")
     swept = evaluate.main(["labels", "--runs", mix, mix_half, "--out", os.path.join(mix, "labels.png")])
     assert [[(f, shots) for f, _, shots in v] for v in swept.values()] == [[(0.5, "1- to 2-shot"), (1.0, "1- to 5-shot")]]
     # a MANN meta-trained on view episodes alone used no labels: drawn at 0%
