@@ -874,7 +874,9 @@ def cmd_labels(args) -> dict:
     the runs' own final evaluations (eval.py fewshot: the same fixed episodes for every run).
     Runs are grouped into arms by what they are (model and encoder), not by the shot range a
     run could meta-train on: fewer labelled clips clamp K (1..5 becomes 1..4 at 10%), and the
-    table row says so."""
+    table row says so. `--by model` groups by model and encoder only and names each run's recipe
+    in its row: train.py's defaults take the semi-supervised recipe below 100% of the labels, so
+    a sweep of the defaults is one line."""
     arms: dict[str, list[tuple[float, dict, str]]] = {}
     ncm: dict[str, dict] = {}  # encoder -> its nearest class mean (a run's fewshot.json)
     n_way = None
@@ -893,7 +895,12 @@ def cmd_labels(args) -> dict:
         if cfg.meta.view_episodes:  # view episodes take the K asked for, whatever the labels allow
             views = view_shot_range(ck, cfg.meta)
             shots = f"views {views}" if labels_used(cfg) == 0 else f"{shots}; views {views}"
-        arms.setdefault(f"{what['kind']} on {what['encoder']}", []).append((labels_used(cfg), res["mann"], shots))
+        name = what["kind"]
+        if getattr(args, "by", "arm") == "model":  # the recipe (what describe_arm adds to the model) goes to the row
+            core = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
+            recipe = name[len(core):].lstrip(", ").strip()
+            name, shots = core, f"{recipe}; {shots}" if recipe else shots
+        arms.setdefault(f"{name} on {what['encoder']}", []).append((labels_used(cfg), res["mann"], shots))
         if "ncm" in res:  # the same encoder's nearest class mean needs no meta-train labels: the bar to clear
             ncm.setdefault(what["encoder"], res["ncm"])
     for points in arms.values():
@@ -1930,6 +1937,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", nargs="+", required=True, help="stage-3 runs, any arms, any --labeled-fraction")
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
     sp.add_argument("--out", default="labels.png", help="the chart (default labels.png)")
+    sp.add_argument("--by", choices=("arm", "model"), default="arm",
+                    help="arm: one line per recipe (dropout, views, view episodes), default; model: one line per "
+                         "model and encoder, each row naming its recipe (a sweep of the defaults, whose recipe "
+                         "changes below 100%% of the labels)")
     sp = sub.add_parser("export", help="latent embedding of every clip to .npy, with labels in a .json")
     common(sp)
     sp.add_argument("--out", default=None, help="output .npy (default <run>/latents.npy)")

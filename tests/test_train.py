@@ -425,6 +425,10 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
                    stage=3, name="viewsonly")
     swept = evaluate.main(["labels", "--runs", s3, views, "--out", os.path.join(s3, "labels.png")])
     assert sorted(f for v in swept.values() for f, *_ in v) == [0.0, 1.0]
+    # --by model: one line for the model and encoder, each row naming its recipe
+    swept = evaluate.main(["labels", "--runs", s3, half, views, "--by", "model", "--out", os.path.join(s3, "labels.png")])
+    assert len(swept) == 1 and [f for f, *_ in next(iter(swept.values()))] == [0.0, 0.5, 1.0]
+    assert next(iter(swept.values()))[0][2].startswith("2 views a clip + view episodes (100% of batches); views")
 
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
     import numpy as np
