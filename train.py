@@ -157,13 +157,18 @@ def resolve_config(args, overrides, device) -> stmeta.Config:
     return cfg
 
 
+def given_keys(cfg: stmeta.Config, overrides) -> set[str]:
+    """The config fields the command line's --key=value overrides name, as full dotted paths."""
+    return {stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) for o in overrides}
+
+
 def semi_supervised_recipe(cfg: stmeta.Config, overrides, stage: int) -> list[str]:
     """Stage 3 on a frozen backbone with --labeled-fraction below 1: stmeta.SEMI_SUPERVISED for
     each of its fields the command line leaves unset, so the MANN meta-trains on the unlabelled
     clips too (view episodes) and not only on the few labelled ones. -> the fields it set."""
     if stage != 3 or cfg.data.labeled_fraction >= 1 or mann_inputs(cfg) != "embeddings":
         return []
-    given = {stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) for o in overrides}
+    given = given_keys(cfg, overrides)
     if "meta.clusters" in given:  # the user's own semi-supervised episodes: no view episodes on top
         given.add("meta.view_episodes")
     filled = [k for k in stmeta.SEMI_SUPERVISED if k not in given]
@@ -1190,7 +1195,7 @@ def load_source(path: str, dist: stmeta.Dist, run_cfg: stmeta.Config | None = No
     fit = {}
     if run_cfg is not None:
         enc = run_cfg.model.encoder
-        given = {stmeta.resolve_key(run_cfg, a[2:].split("=", 1)[0].replace("-", "_")) for a in overrides}
+        given = given_keys(run_cfg, overrides)
         fit = dict(img_size=enc.img_size, num_frames=enc.num_frames,
                    num_heads=enc.num_heads if "model.encoder.num_heads" in given else None,
                    decoder_heads=run_cfg.model.decoder_heads if "model.decoder_heads" in given else None,
@@ -1364,8 +1369,7 @@ def prepare_run(args, overrides, dist, device_name):
                       f"(--meta.view_episodes=1): the MANN reads no label")
             episode_samplers(cfg, cache)
     # overrides were applied (and their keys checked) by resolve_config
-    flip_given = any(stmeta.resolve_key(cfg, o[2:].split("=", 1)[0].replace("-", "_")) == "data.hflip"
-                     for o in overrides)
+    flip_given = "data.hflip" in given_keys(cfg, overrides)
     if cache.flip_changes_class and cfg.data.hflip and not flip_given:
         cfg.data.hflip = False  # the default follows the data: a flipped glyph is another glyph
         if dist.is_main:
