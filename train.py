@@ -882,8 +882,11 @@ def episode_samplers(cfg: stmeta.Config, cache) -> tuple[data.EpisodeSampler | d
             train_eps = mix[0] if len(mix) == 1 else data.ShotMix(mix)
     except data.DataError as e:
         if not stmeta.label_free(mc):
-            hint = ("; with fewer labels than an episode needs, meta-train on view episodes alone: "
-                    "--meta.train_views=8 --meta.view_episodes=1" if cfg.data.labeled_fraction < 1 else "")
+            hint = "" if cfg.data.labeled_fraction == 1 else (
+                "; with fewer labels than an episode needs, meta-train on view episodes alone: "
+                "--meta.train_views=8 --meta.view_episodes=1" if mann_inputs(cfg) == "embeddings" else
+                "; view episodes (a MANN meta-trained without labels) need a frozen backbone: drop --finetune, "
+                "--meta.rotate_classes and --meta.max_shift, or give more labels")
             raise stmeta.Refused(f"meta-train episodes: {e}{hint}") from None
         train_eps = None  # every batch is view or cluster episodes: the labels are not needed
     try:

@@ -179,6 +179,8 @@ def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
     # for, unless no batch needs labels
     with pytest.raises(SystemExit, match="meta-train episodes: class .* has 1 clips in this pool.*--meta.view_episodes=1"):
         run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", "--meta.view_episodes=0", stage=3, name="onelabel")
+    with pytest.raises(SystemExit, match="view episodes .* need a frozen backbone: drop --finetune"):
+        run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", "--finetune", stage=3, name="onelabel_e2e")
     _, free = run(str(tmp_path), tiny_data, "--meta.train_views=2", "--meta.view_episodes=1", "--meta.steps=2",
                   "--labeled-fraction", "0.1", stage=3, name="labelfree")
     assert stmeta.load_checkpoint(os.path.join(free, "last.pt"))["step"] == 2
