@@ -2377,7 +2377,8 @@ class EpisodeSampler:
         if small and not drop_small:
             c = small[0]
             more = f" ({len(small) - 1} more classes are short too)" if len(small) > 1 else ""
-            raise DataError(f"class {self._name(c)} has {len(self.pools[c])} clips in this pool; {self._need()} "
+            n = len(self.pools[c])
+            raise DataError(f"class {self._name(c)} has {n} clip{'' if n == 1 else 's'} in this pool; {self._need()} "
                             f"needs {self.per_class} per class{more}")
         self.dropped = small
         self.classes = [c for c in classes if c not in small]

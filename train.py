@@ -1368,8 +1368,8 @@ def prepare_run(args, overrides, dist, device_name):
                 raise
             cfg.meta.view_episodes = 1.0  # the recipe's own choice, so it may go all the way
             if dist.is_main:
-                print(f"semi-supervised recipe: {str(e).split(';')[0]}; so every batch is view episodes "
-                      f"(--meta.view_episodes=1): the MANN reads no label")
+                print(f"semi-supervised recipe: {str(e).split('; with fewer labels')[0]}; so every batch is view "
+                      f"episodes (--meta.view_episodes=1): the MANN reads no label")
             episode_samplers(cfg, cache)
     # overrides were applied (and their keys checked) by resolve_config
     flip_given = "data.hflip" in given_keys(cfg, overrides)

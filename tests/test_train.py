@@ -177,7 +177,7 @@ def test_view_episodes_mix_into_meta_training(tmp_path, tiny_data, capsys):
     assert evaluate.view_shot_range(ck, stmeta.config_from_dict(stmeta.Config, ck["config"]).meta) == "1- to 3-shot"
     # one labelled clip a class makes no labelled episode: refused when labelled episodes are asked
     # for, unless no batch needs labels
-    with pytest.raises(SystemExit, match="meta-train episodes: class .* has 1 clips in this pool.*--meta.view_episodes=1"):
+    with pytest.raises(SystemExit, match="meta-train episodes: class .* has 1 clip in this pool.*--meta.view_episodes=1"):
         run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", "--meta.view_episodes=0", stage=3, name="onelabel")
     with pytest.raises(SystemExit, match="view episodes .* need a frozen backbone: drop --finetune"):
         run(str(tmp_path), tiny_data, "--labeled-fraction", "0.1", "--finetune", stage=3, name="onelabel_e2e")
