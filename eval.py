@@ -647,9 +647,14 @@ def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
                             (f"shifts up to {mc.max_shift} px", mc.max_shift)) if on]
     aug = f"; augmented: {', '.join(aug)}" if aug else ""
     shots = f" (meta-trained {shot_range(mc)})" if mc.layout == "support_query" and mc.k_shot_max <= mc.k_shot else ""
-    labels = (" Labels: none read (every meta-train batch is episodes without labels)." if stmeta.label_free(mc) else
-              f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips." if
-              cfg.data.labeled_fraction < 1 else "")
+    if mc.classify:  # the classification phase read the labels, whatever the MANN's batches did
+        labels = (f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips (the classification "
+                  f"phase{'; the MANN read none' if stmeta.label_free(mc) else ' and the MANN'})."
+                  if cfg.data.labeled_fraction < 1 else "")
+    else:
+        labels = (" Labels: none read (every meta-train batch is episodes without labels)." if stmeta.label_free(mc) else
+                  f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips." if
+                  cfg.data.labeled_fraction < 1 else "")
     return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), "
             f"preset `{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes{shots}; budget {ck.get('step')} steps x "
             f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.{labels}")
@@ -844,9 +849,10 @@ def cmd_ablation(args) -> dict:
 
 
 def labels_used(cfg: stmeta.Config) -> float:
-    """The fraction of meta-train labels a run's MANN was meta-trained with: --labeled-fraction,
-    or 0 where every batch is episodes without labels (view or cluster episodes only)."""
-    return 0.0 if stmeta.label_free(cfg.meta) else cfg.data.labeled_fraction
+    """The fraction of meta-train labels a run read: --labeled-fraction, or 0 where every MANN
+    batch is episodes without labels (view or cluster episodes only) and no classification
+    phase tuned the encoder on them."""
+    return 0.0 if stmeta.label_free(cfg.meta) and not cfg.meta.classify else cfg.data.labeled_fraction
 
 
 def labels_chart_name(name: str) -> str:
@@ -894,14 +900,17 @@ def cmd_labels(args) -> dict:
         shots = shot_range(cfg.meta) if cfg.meta.layout == "support_query" else f"{cfg.meta.seq_shots} a class"
         if cfg.meta.view_episodes:  # view episodes take the K asked for, whatever the labels allow
             views = view_shot_range(ck, cfg.meta)
-            shots = f"views {views}" if labels_used(cfg) == 0 else f"{shots}; views {views}"
+            shots = f"views {views}" if stmeta.label_free(cfg.meta) else f"{shots}; views {views}"
         name = what["kind"]
         if getattr(args, "by", "arm") == "model":  # the recipe (what describe_arm adds to the model) goes to the row
             core = "LSTM, no memory" if cfg.mann.read_heads == 0 else f"MANN ({cfg.mann.write.upper()})"
             recipe = name[len(core):].lstrip(", ").strip()
             name, shots = core, f"{recipe}; {shots}" if recipe else shots
         arms.setdefault(f"{name} on {what['encoder']}", []).append((labels_used(cfg), res["mann"], shots))
-        if "ncm" in res:  # the same encoder's nearest class mean needs no meta-train labels: the bar to clear
+        if "ncm" in res and cfg.meta.classify:  # an encoder tuned on the labels: its class means move with them
+            arms.setdefault(f"representation only: nearest class mean on {what['encoder']}", []).append(
+                (labels_used(cfg), res["ncm"], "- (no meta-training)"))
+        elif "ncm" in res:  # the same encoder's nearest class mean needs no meta-train labels: the bar to clear
             ncm.setdefault(what["encoder"], res["ncm"])
     for points in arms.values():
         points.sort(key=lambda p: p[0])  # by fraction (two runs at one fraction are both drawn)

@@ -431,6 +431,16 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     swept = evaluate.main(["labels", "--runs", s3, half, views, "--by", "model", "--out", os.path.join(s3, "labels.png")])
     assert len(swept) == 1 and [f for f, *_ in next(iter(swept.values()))] == [0.0, 0.5, 1.0]
     assert next(iter(swept.values()))[0][2].startswith("2 views a clip + view episodes (100% of batches); views")
+    # the classification arm read its labels in the classification phase, even where its MANN read none, and
+    # nearest class mean on its tuned encoder moves with them: an arm of the sweep, not a fixed reference
+    _, cls = run(str(tmp_path), tiny_data, "--meta.classify=true", "--labeled-fraction", "0.5", "--meta.train_views=2",
+                 "--meta.view_episodes=1", "--meta.steps=2", stage=3, name="clshalf")
+    swept = evaluate.main(["labels", "--runs", s3, cls, "--out", os.path.join(s3, "labels.png")])
+    tuned = {k: v for k, v in swept.items() if "tuned on meta-train labels" in k}
+    assert len(tuned) == 2 and all([f for f, *_ in v] == [0.5] for v in tuned.values())
+    assert any(k.startswith("representation only: nearest class mean") for k in tuned)
+    assert "Labels: 50% of each meta-train class's clips (the classification phase; the MANN read none)" in open(
+        os.path.join(cls, "report.md")).read()
 
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
     import numpy as np
