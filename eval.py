@@ -740,7 +740,10 @@ def encoder_name(ck: dict, cfg: stmeta.Config) -> str:
         where = f"{os.path.basename(os.path.dirname(ck['init']))}/{os.path.basename(ck['init'])}"
         kind = {"mae": "MAE encoder, no labels", "classifier": "encoder tuned on labels", "mann": "encoder of a stage-3 run",
                 "published": "published encoder"}.get(ck.get("init_kind"), "encoder")  # runs before init_kind: "encoder"
-        return f"{kind} ({where})" if kind != "encoder" else f"encoder of {where}"
+        name = f"{kind} ({where})" if kind != "encoder" else f"encoder of {where}"
+        if cfg.meta.classify:  # the classification phase tuned the --pretrained encoder before the MANN saw it
+            name = f"{name.replace(', no labels', '')}, then tuned on meta-train labels"
+        return name
     return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder, no labels"
 
 

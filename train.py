@@ -1272,6 +1272,9 @@ def warm_start(args, cfg: stmeta.Config) -> tuple[dict, str | None, str]:
         raise stmeta.Refused("--warm-start is for stage 3 (it starts a MetaLearner)")
     if args.pretrained:
         raise stmeta.Refused("--warm-start takes its encoder from the warm run itself: drop --pretrained")
+    if cfg.meta.classify:
+        raise stmeta.Refused("--warm-start takes the warm run's encoder as it is, so no classification phase tunes "
+                             "it: drop --meta.classify=true")
     if not os.path.isfile(path):
         raise stmeta.Refused(f"--warm-start {path}: no such file (a stage-3 run's last.pt)")
     ck = stmeta.load_checkpoint(path)
@@ -1555,9 +1558,9 @@ def phases(args, cfg, has_source: bool) -> list[str]:
         return ["MAE reconstruction"]
     if args.stage == 2:
         return ([] if has_source else ["MAE pretraining"]) + ["classification"]
-    pre = cfg.meta.backbone == "mae" and not has_source
-    return ((["MAE pretraining"] + (["classification"] if cfg.meta.classify else [])) if pre else []) + \
-        ["MANN meta-training", "evaluation"]
+    mae = cfg.meta.backbone == "mae"  # a --pretrained encoder skips the MAE, not the classification phase
+    return (["MAE pretraining"] if mae and not has_source else []) + \
+        (["classification"] if mae and cfg.meta.classify else []) + ["MANN meta-training", "evaluation"]
 
 
 def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
@@ -1623,12 +1626,12 @@ def run(args, cfg, out, cache, device, precision, dist, source_state) -> dict:
                                          f"first (mask ratio {cfg.model.mask_ratio}) in {out}/pretrain")
                 enc_state = encoder_of(train_mae(cfg, cache, os.path.join(out, "pretrain"), device, precision,
                                                  dist, args)["model"])
-                if cfg.meta.classify:
-                    begin("classification", f"fine-tuning the MAE encoder with a classification head on the "
-                                            f"meta-train classes (stage 2's recipe; --meta.classify=false skips it) "
-                                            f"in {out}/classify")
-                    enc_state = encoder_of(train_classifier(cfg, cache, os.path.join(out, "classify"), device,
-                                                            precision, dist, args, enc_state, "meta_train")["model"])
+            if cfg.meta.classify:  # on our MAE or on the --pretrained one alike
+                begin("classification", f"fine-tuning the {'--pretrained' if source_state is not None else 'MAE'} "
+                                        f"encoder with a classification head on the meta-train classes (stage 2's "
+                                        f"recipe; --meta.classify=false skips it) in {out}/classify")
+                enc_state = encoder_of(train_classifier(cfg, cache, os.path.join(out, "classify"), device,
+                                                        precision, dist, args, enc_state, "meta_train")["model"])
         episode = (f"{cfg.meta.n_way}-way {evaluate.shot_range(cfg.meta)} episodes" if cfg.meta.layout == "support_query"
                    else f"{cfg.meta.n_way}-way sequences of {cfg.meta.seq_shots} instances a class")
         begin("MANN meta-training", f"meta-training the {'LSTM' if cfg.mann.read_heads == 0 else 'MANN'} on "

@@ -62,6 +62,18 @@ def test_stage1_from_scratch_then_init_from_it(tmp_path, tiny_data):
     assert ck["init_kind"] == "mae" and evaluate.encoder_name(ck, stmeta.Config()) == "MAE encoder, no labels (run/last.pt)"
     _, plain = run(str(tmp_path), tiny_data, "--meta.steps=2", stage=3, name="plain")
     assert stmeta.load_checkpoint(os.path.join(plain, "last.pt"))["init_kind"] is None
+    # the classification arm on that MAE: --pretrained skips the MAE pretraining, not the classification phase
+    _, tuned = run(str(tmp_path), tiny_data, "--pretrained", os.path.join(out, "last.pt"), "--meta.classify=true",
+                   "--meta.steps=2", stage=3, name="tuned")
+    assert not os.path.exists(os.path.join(tuned, "pretrain"))
+    assert stmeta.load_checkpoint(os.path.join(tuned, "classify", "last.pt"))["kind"] == "classifier"
+    ck = stmeta.load_checkpoint(os.path.join(tuned, "last.pt"))
+    cfg = stmeta.config_from_dict(stmeta.Config, ck["config"])
+    assert evaluate.encoder_name(ck, cfg) == "MAE encoder (run/last.pt), then tuned on meta-train labels"
+    before = weights(os.path.join(arm, "last.pt"))
+    after = weights(os.path.join(tuned, "last.pt"))
+    enc = [k for k in after if k.startswith("backbone.") and k in before and after[k].is_floating_point()]
+    assert enc and any(not torch.equal(before[k], after[k]) for k in enc)  # the tuned encoder is not the MAE's
 
 
 def test_stage2_pretrains_then_classifies(tmp_path, tiny_data):
@@ -257,6 +269,8 @@ def test_warm_start_then_fine_tune_end_to_end(tmp_path, tiny_data):
         run(str(tmp_path), tiny_data, "--warm-start", mae, stage=3, name="bad2")
     with pytest.raises(SystemExit, match="drop --pretrained"):
         run(str(tmp_path), tiny_data, "--warm-start", warm, "--pretrained", mae, stage=3, name="bad3")
+    with pytest.raises(SystemExit, match="drop --meta.classify=true"):
+        run(str(tmp_path), tiny_data, "--warm-start", warm, "--meta.classify=true", stage=3, name="bad5")
     with pytest.raises(SystemExit, match="--mann.controller_size=32, this run asks for --mann.controller_size=16"):
         run(str(tmp_path), tiny_data, "--warm-start", warm, "--mann.controller_size=16", stage=3, name="bad4")
 
