@@ -647,14 +647,12 @@ def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
                             (f"shifts up to {mc.max_shift} px", mc.max_shift)) if on]
     aug = f"; augmented: {', '.join(aug)}" if aug else ""
     shots = f" (meta-trained {shot_range(mc)})" if mc.layout == "support_query" and mc.k_shot_max <= mc.k_shot else ""
-    if mc.classify:  # the classification phase read the labels, whatever the MANN's batches did
-        labels = (f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips (the classification "
-                  f"phase{'; the MANN read none' if stmeta.label_free(mc) else ' and the MANN'})."
-                  if cfg.data.labeled_fraction < 1 else "")
-    else:
-        labels = (" Labels: none read (every meta-train batch is episodes without labels)." if stmeta.label_free(mc) else
-                  f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's clips." if
-                  cfg.data.labeled_fraction < 1 else "")
+    # the classification phase reads the labels whatever the MANN's batches did
+    readers = ("" if not mc.classify else " (the classification phase; the MANN read none)" if stmeta.label_free(mc)
+               else " (the classification phase and the MANN)")
+    labels = (" Labels: none read (every meta-train batch is episodes without labels)." if stmeta.label_free(mc)
+              and not mc.classify else f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's "
+              f"clips{readers}." if cfg.data.labeled_fraction < 1 else "")
     return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}), "
             f"preset `{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes{shots}; budget {ck.get('step')} steps x "
             f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.{labels}")
@@ -738,12 +736,12 @@ def encoder_name(ck: dict, cfg: stmeta.Config) -> str:
         return {"scratch": "ViT from scratch", "pixels": "pixels"}[cfg.meta.backbone]
     if ck.get("init"):
         where = f"{os.path.basename(os.path.dirname(ck['init']))}/{os.path.basename(ck['init'])}"
-        kind = {"mae": "MAE encoder, no labels", "classifier": "encoder tuned on labels", "mann": "encoder of a stage-3 run",
+        kind = {"mae": "MAE encoder" if cfg.meta.classify else "MAE encoder, no labels",
+                "classifier": "encoder tuned on labels", "mann": "encoder of a stage-3 run",
                 "published": "published encoder"}.get(ck.get("init_kind"), "encoder")  # runs before init_kind: "encoder"
         name = f"{kind} ({where})" if kind != "encoder" else f"encoder of {where}"
-        if cfg.meta.classify:  # the classification phase tuned the --pretrained encoder before the MANN saw it
-            name = f"{name.replace(', no labels', '')}, then tuned on meta-train labels"
-        return name
+        # the classification phase tuned the --pretrained encoder before the MANN saw it
+        return f"{name}, then tuned on meta-train labels" if cfg.meta.classify else name
     return "MAE encoder tuned on meta-train labels" if cfg.meta.classify else "MAE encoder, no labels"
 
 
