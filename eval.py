@@ -862,9 +862,35 @@ def labels_chart_name(name: str) -> str:
     name = chart_label(name)
     for pattern, short in ((r", tokens pooled `\w+`", ""), (r", no labels", ""), (r" \(100% of batches\)", " only"),
                            (r" \(\d+% of batches\)", ""), (r", input dropout [0-9.]+", ""),
-                           (r", (\d+) views a clip", r", \1 views"), (r"MAE encoder", "MAE")):
+                           (r", (\d+) views a clip", r", \1 views"), (r"MAE encoder", "MAE"),
+                           (r" \(\d+ features(, \w+ pool)?\)", ""), (r"the MAE, tuned on the labels", "the MAE tuned on them")):
         name = re.sub(pattern, short, name)
     return name
+
+
+def tuned_encoder_arms(run: str, ck: dict, cfg: stmeta.Config) -> dict[str, dict]:
+    """A stage-2 run (an encoder tuned on a fraction of the meta-train labels) as two arms of the
+    labels sweep, "representation only" given the same labels as the MANN arms: nearest class mean
+    and logistic regression on its frozen features, from its `eval.py probe` (probe.json). This
+    is Chen et al. 2019's Baseline (arXiv 1904.04232) on the MAE: supervised on the base classes,
+    then a simple classifier on each episode's support set."""
+    path = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run)), "probe.json")
+    if not os.path.exists(path):
+        raise stmeta.Refused(f"{run}: a stage-2 run with no probe.json (run `python eval.py probe --run {run}` first)")
+    with open(path) as f:
+        probe = json.load(f)
+    found = [name for name in probe if name not in FLOORS.values()]
+    if len(found) != 1:
+        raise stmeta.Refused(f"{path}: expected one encoder among its features, found {found or 'none'}")
+    res = {m: {int(k): v for k, v in r.items() if k.isdigit()} for m, r in probe[found[0]].items()}
+    init = ck.get("init")  # --pretrained; without it stage 2 pretrained its own MAE first
+    start = "MAE encoder" if not init else (
+        f"{ {'mae': 'MAE encoder', 'published': 'published encoder'}.get(ck.get('init_kind'), 'encoder')} "
+        f"({os.path.basename(os.path.dirname(init))}/{os.path.basename(init)})")
+    features = re.search(r"\(([^()]*)\)$", found[0])  # "(2048 features, space pool)": what the probe read
+    encoder = f"{start}, tuned on the labels" + (f" ({features.group(1)})" if features else "")
+    return {f"representation only: {label} on the {encoder}": res[m]
+            for m, label in (("ncm", "nearest class mean"), ("logreg", "logistic regression")) if m in res}
 
 
 def view_shot_range(ck: dict, mc: stmeta.MetaConfig) -> str:
@@ -888,7 +914,15 @@ def cmd_labels(args) -> dict:
     ncm: dict[str, dict] = {}  # encoder -> its nearest class mean (a run's fewshot.json)
     n_way = None
     for run in args.runs:
-        ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
+        ck, cfg, _ = load_run(run, ("mann", "classifier"), prefer="last.pt")
+        if ck["kind"] == "classifier":  # representation only, with the same labels: the tuned encoder's probe
+            if n_way not in (None, cfg.meta.n_way):
+                raise stmeta.Refused(f"{run} is {cfg.meta.n_way}-way and an earlier run {n_way}-way: one sweep, "
+                                     f"one episode shape")
+            n_way = cfg.meta.n_way
+            for name, r in tuned_encoder_arms(run, ck, cfg).items():
+                arms.setdefault(name, []).append((cfg.data.labeled_fraction, r, "- (no meta-training)"))
+            continue
         path = os.path.join(os.path.dirname(find_checkpoint(run, "last.pt")), "fewshot.json")
         if not os.path.exists(path):
             raise stmeta.Refused(f"{run}: no fewshot.json (run `python eval.py fewshot --run {run}` first)")
@@ -918,7 +952,12 @@ def cmd_labels(args) -> dict:
     body = ["## Labels: accuracy against the fraction of meta-train labels (eval.py labels)\n",
             "Each arm's MANN meta-trained with the given fraction of each meta-train class's labelled clips "
             "(the MAE pretrained on every clip, without labels); held-out classes, the runs' own 1,000 fixed "
-            "episodes, mean +- 95% CI.\n",
+            "episodes, mean +- 95% CI." + (
+                " The representation-only arms read the same labels another way: the encoder tuned on them by "
+                "classification (stage 2), then nearest class mean or logistic regression on each episode's "
+                "support set (Chen et al. 2019's Baseline), from each stage-2 run's `eval.py probe`."
+                if any(name.startswith("representation only") and "tuned on the labels" in name for name in arms)
+                else "") + "\n",
             "| arm | labels | meta-trained on | " + " | ".join(f"{k}-shot" for k in args.shots) + " |",
             "|---|--:|---|" + "--:|" * len(args.shots)]
     def cells(r: dict) -> str:
@@ -1944,7 +1983,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pool", choices=models.POOLS, default=None,
                     help="how the encoder's tokens become one vector (default: the run's meta.pool, mean)")
     sp = sub.add_parser("labels", help="accuracy against the fraction of meta-train labels (--labeled-fraction runs)")
-    sp.add_argument("--runs", nargs="+", required=True, help="stage-3 runs, any arms, any --labeled-fraction")
+    sp.add_argument("--runs", nargs="+", required=True,
+                    help="stage-3 runs, any arms, any --labeled-fraction; and stage-2 runs (an encoder tuned on "
+                         "--labeled-fraction F of the labels: representation only with the same labels; "
+                         "`eval.py probe --run RUN` each first)")
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
     sp.add_argument("--out", default="labels.png", help="the chart (default labels.png)")
     sp.add_argument("--by", choices=("arm", "model"), default="arm",

@@ -456,6 +456,16 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     assert "Labels: 50% of each meta-train class's clips (the classification phase; the MANN read none)" in open(
         os.path.join(cls, "report.md")).read()
 
+    # a stage-2 run, the MAE tuned on the labels: representation only given the same labels (its probe first)
+    with pytest.raises(SystemExit, match="no probe.json.*eval.py probe --run"):
+        evaluate.main(["labels", "--runs", s3, s2, "--out", os.path.join(s3, "labels.png")])
+    evaluate.main(["probe", "--run", s2, "--device", "cpu", "--episodes", "8"])
+    swept = evaluate.main(["labels", "--runs", s3, s2, "--out", os.path.join(s3, "labels.png")])
+    tuned = {k: v for k, v in swept.items() if "tuned on the labels" in k}
+    assert sorted(k.split(" on the ")[0] for k in tuned) == ["representation only: logistic regression",
+                                                             "representation only: nearest class mean"]
+    assert all([(f, r[1]["mean"] >= 0) for f, r, _ in v] == [(1.0, True)] for v in tuned.values())
+
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
     import numpy as np
     z = np.load(os.path.join(s3, "latents.npy"))
