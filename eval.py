@@ -763,8 +763,10 @@ def cmd_ablation(args) -> dict:
     """Every arm on the same fixed held-out episodes. --both is the full method (MAE + MANN), or
     whatever run the others are compared with; --meta-only the MANN on a ViT from scratch;
     --extra any other stage-3 runs (pixels, the MAE without labels, the memory-free LSTM with
-    --mann.read_heads=0, ...). The non-meta-learned baselines (and, in the sequence layout, the
-    label-count predictor) are computed on the --both run's embeddings."""
+    --mann.read_heads=0, ...) and stage-2 runs (an encoder tuned on the labels: nearest class mean
+    and logistic regression on it, representation only given the labels). The non-meta-learned
+    baselines (and, in the sequence layout, the label-count predictor) are computed on the --both
+    run's embeddings."""
     both_ck, both_cfg, folder = load_run(args.both, ("mann",), prefer="last.pt")  # see fewshot()
     dev = stmeta.pick_device(args.device, verbose=False)
     cache = open_cache(both_ck, args.data)
@@ -783,7 +785,19 @@ def cmd_ablation(args) -> dict:
     arms = []  # (name, made by, budget, result)
     runs = ([("meta-learning only: ", args.meta_only)] if args.meta_only else []) + [("", e) for e in args.extra or []]
     for role, run in runs:
-        ck, cfg, _ = load_run(run, ("mann",), prefer="last.pt")
+        ck, cfg, _ = load_run(run, ("mann", "classifier") if role == "" else ("mann",), prefer="last.pt")
+        if ck["kind"] == "classifier":  # representation only given the labels: a stage-2 run's tuned encoder
+            if sequence:
+                raise stmeta.Refused(f"{run} is a stage-2 run: its class means score support/query episodes, and "
+                                     f"{args.both} is a sequence-layout run")
+            ck, cfg, _ = load_run(run, ("classifier",))  # the best.pt `eval.py probe` reads too
+            emb = run_embeddings(encoder_of_run(ck, cfg, dev, mc.pool), cache, cfg, dev, pool)
+            r = evaluate_methods(None, emb, cache, both_cfg, args.shots, episodes, ("ncm", "logreg"))
+            name = f"representation only: {tuned_encoder_name(ck)}, tokens pooled `{mc.pool}`"
+            budget = f"{ck.get('step', 0):,} classification steps on {cfg.data.labeled_fraction:.0%} of the labels"
+            arms += [(f"{name} + nearest class mean", run, budget, r["ncm"]),
+                     (f"{name} + logistic regression", run, budget, r["logreg"])]
+            continue
         if (cfg.meta.n_way, cfg.meta.layout) != (mc.n_way, mc.layout):
             raise stmeta.Refused(f"{run} is a {cfg.meta.n_way}-way {cfg.meta.layout} run; {args.both} is "
                              f"{mc.n_way}-way {mc.layout}: arms must be scored on the same episodes")
@@ -883,14 +897,19 @@ def tuned_encoder_arms(run: str, ck: dict, cfg: stmeta.Config) -> dict[str, dict
     if len(found) != 1:
         raise stmeta.Refused(f"{path}: expected one encoder among its features, found {found or 'none'}")
     res = {m: {int(k): v for k, v in r.items() if k.isdigit()} for m, r in probe[found[0]].items()}
+    features = re.search(r"\(([^()]*)\)$", found[0])  # "(2048 features, space pool)": what the probe read
+    encoder = tuned_encoder_name(ck) + (f" ({features.group(1)})" if features else "")
+    return {f"representation only: {label} on the {encoder}": res[m]
+            for m, label in (("ncm", "nearest class mean"), ("logreg", "logistic regression")) if m in res}
+
+
+def tuned_encoder_name(ck: dict) -> str:
+    """A stage-2 run's encoder in a few words: where it started, then tuned on the labels."""
     init = ck.get("init")  # --pretrained; without it stage 2 pretrained its own MAE first
     start = "MAE encoder" if not init else (
         f"{ {'mae': 'MAE encoder', 'published': 'published encoder'}.get(ck.get('init_kind'), 'encoder')} "
         f"({os.path.basename(os.path.dirname(init))}/{os.path.basename(init)})")
-    features = re.search(r"\(([^()]*)\)$", found[0])  # "(2048 features, space pool)": what the probe read
-    encoder = f"{start}, tuned on the labels" + (f" ({features.group(1)})" if features else "")
-    return {f"representation only: {label} on the {encoder}": res[m]
-            for m, label in (("ncm", "nearest class mean"), ("logreg", "logistic regression")) if m in res}
+    return f"{start}, tuned on the labels"
 
 
 def view_shot_range(ck: dict, mc: stmeta.MetaConfig) -> str:
@@ -1972,7 +1991,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, run=False)
     sp.add_argument("--both", required=True, help="stage-3 run with the MAE backbone (MAE + MANN)")
     sp.add_argument("--meta-only", default=None, help="stage-3 run with --backbone scratch (ViT from scratch + MANN)")
-    sp.add_argument("--extra", nargs="*", help="more stage-3 runs to add as arms (e.g. --backbone pixels)")
+    sp.add_argument("--extra", nargs="*", help="more stage-3 runs to add as arms (e.g. --backbone pixels), and "
+                                               "stage-2 runs (representation only: the encoder tuned on the labels)")
     sp.add_argument("--shots", type=stmeta.positive_int, nargs="+", default=[1, 5])
     sp.add_argument("--episodes", type=stmeta.positive_int, default=None, help="default: meta.test_episodes (1000)")
     sp = sub.add_parser("probe", help="frozen features on held-out classes (class means, logistic regression) "
