@@ -882,7 +882,7 @@ def labels_chart_name(name: str) -> str:
     return name
 
 
-def tuned_encoder_arms(run: str, ck: dict, cfg: stmeta.Config) -> dict[str, dict]:
+def tuned_encoder_arms(run: str, ck: dict) -> dict[str, dict]:
     """A stage-2 run (an encoder tuned on a fraction of the meta-train labels) as two arms of the
     labels sweep, "representation only" given the same labels as the MANN arms: nearest class mean
     and logistic regression on its frozen features, from its `eval.py probe` (probe.json). This
@@ -939,7 +939,7 @@ def cmd_labels(args) -> dict:
                 raise stmeta.Refused(f"{run} is {cfg.meta.n_way}-way and an earlier run {n_way}-way: one sweep, "
                                      f"one episode shape")
             n_way = cfg.meta.n_way
-            for name, r in tuned_encoder_arms(run, ck, cfg).items():
+            for name, r in tuned_encoder_arms(run, ck).items():
                 arms.setdefault(name, []).append((cfg.data.labeled_fraction, r, "- (no meta-training)"))
             continue
         path = os.path.join(os.path.dirname(find_checkpoint(run, "last.pt")), "fewshot.json")
