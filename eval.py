@@ -793,7 +793,7 @@ def cmd_ablation(args) -> dict:
             ck, cfg, _ = load_run(run, ("classifier",))  # the best.pt `eval.py probe` reads too
             emb = run_embeddings(encoder_of_run(ck, cfg, dev, mc.pool), cache, cfg, dev, pool)
             r = evaluate_methods(None, emb, cache, both_cfg, args.shots, episodes, ("ncm", "logreg"))
-            name = f"representation only: {tuned_encoder_name(ck)}, tokens pooled `{mc.pool}`"
+            name = f"representation only: {tuned_encoder_name(ck, cfg.data.labeled_fraction)}, tokens pooled `{mc.pool}`"
             budget = f"{ck.get('step', 0):,} classification steps on {cfg.data.labeled_fraction:.0%} of the labels"
             arms += [(f"{name} + nearest class mean", run, budget, r["ncm"]),
                      (f"{name} + logistic regression", run, budget, r["logreg"])]
@@ -903,13 +903,14 @@ def tuned_encoder_arms(run: str, ck: dict) -> dict[str, dict]:
             for m, label in (("ncm", "nearest class mean"), ("logreg", "logistic regression")) if m in res}
 
 
-def tuned_encoder_name(ck: dict) -> str:
-    """A stage-2 run's encoder in a few words: where it started, then tuned on the labels."""
+def tuned_encoder_name(ck: dict, fraction: float | None = None) -> str:
+    """A stage-2 run's encoder in a few words: where it started, then tuned on the labels (on
+    `fraction` of them, where the name must tell one run from another)."""
     init = ck.get("init")  # --pretrained; without it stage 2 pretrained its own MAE first
     start = "MAE encoder" if not init else (
         f"{ {'mae': 'MAE encoder', 'published': 'published encoder'}.get(ck.get('init_kind'), 'encoder')} "
         f"({os.path.basename(os.path.dirname(init))}/{os.path.basename(init)})")
-    return f"{start}, tuned on the labels"
+    return f"{start}, tuned on {'the' if fraction is None else f'{fraction:.0%} of the'} labels"
 
 
 def view_shot_range(ck: dict, mc: stmeta.MetaConfig) -> str:

@@ -467,7 +467,7 @@ def test_eval_subcommands_write_tables_and_pictures(tmp_path, tiny_data):
     assert all([(f, r[1]["mean"] >= 0) for f, r, _ in v] == [(1.0, True)] for v in tuned.values())
     # ... and in the ablation, scored on the same episodes as every arm
     arms = evaluate.main(["ablation", "--both", s3, "--extra", s2, "--device", "cpu", "--episodes", "10"])
-    tuned = [k for k in arms if k.startswith("representation only: MAE encoder, tuned on the labels")]
+    tuned = [k for k in arms if k.startswith("representation only: MAE encoder, tuned on 100% of the labels")]
     assert len(arms) == 5 + 2 * len(evaluate.FLOORS) and len(tuned) == 2
 
     meta = evaluate.main(["export", "--run", s3, "--device", "cpu"])
