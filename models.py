@@ -1257,11 +1257,16 @@ class MetaLearner(nn.Module):
     `input_dropout` drops features of the normed embedding in training (inverted dropout, each
     feature of each step on its own): with a frozen backbone the MANN reads the same few cached
     embeddings of each meta-train clip at every step, and with a few labelled clips a class it
-    learns them by heart; dropping features makes every presentation a new view of the clip."""
+    learns them by heart; dropping features makes every presentation a new view of the clip.
+
+    `input_mean` (out_dim,), a buffer (saved, never trained), is subtracted before the norm: zero
+    as built; train.py sets it to the mean embedding of the pretraining pool for a frozen backbone
+    (meta.center_inputs; SimpleShot's centring, Wang et al. 2019, 1911.04623)."""
 
     def __init__(self, backbone: Backbone, mann: MANN, input_norm: float = 4.0, input_dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
+        self.register_buffer("input_mean", torch.zeros(backbone.out_dim))
         self.norm = nn.LayerNorm(backbone.out_dim)
         with torch.no_grad():
             self.norm.weight.fill_(input_norm / math.sqrt(backbone.out_dim))
@@ -1270,7 +1275,12 @@ class MetaLearner(nn.Module):
 
     def forward(self, x: Tensor, label_in: Tensor, state: MANNState | None = None) -> tuple[Tensor, MANNState]:
         """x (B, S, out_dim) embeddings from the backbone; as MANN.forward otherwise."""
-        return self.mann(self.drop(self.norm(x)), label_in, state)
+        return self.mann(self.drop(self.norm(x - self.input_mean)), label_in, state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before the twelfth session has no input_mean: it was trained uncentred
+        state_dict.setdefault(prefix + "input_mean", torch.zeros_like(self.input_mean))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def episode_loss(model: nn.Module, x: Tensor, ep) -> tuple[Tensor, Tensor]:

@@ -1033,6 +1033,14 @@ def train_mann(cfg: stmeta.Config, cache, folder: str, device, precision: str, d
                                                   "made_by": made_by})
         if dist.is_main:
             print(f"backbone: {mc.backbone}, frozen; {emb.shape[0]} clips embedded once ({emb.shape[1]} features)")
+        if mc.center_inputs:  # the pretraining pool's mean embedding (labels unused), a buffer of the model
+            centre_on = cache.pretrain_pool(cfg.pretrain.pool)
+            with torch.no_grad():
+                model.input_mean.copy_(emb[torch.as_tensor(centre_on, device=device)].mean(0))
+            if dist.is_main:
+                print(f"inputs centred: the mean embedding of the {len(centre_on)} clips of the pretraining pool "
+                      f"({cfg.pretrain.pool}, labels unused) is subtracted before the input norm "
+                      f"(--meta.center_inputs=false: not)")
         if mc.train_views > 1:  # (V, N, D): view 0 the centred one, the others augmented; not saved
             pool = view_pool(cache, mc)  # (recomputed on a resume: a pure function of the seed)
             views = torch.stack([emb] + [embed_all(backbone, cache, cfg, device, precision, indices=pool,

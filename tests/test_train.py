@@ -117,6 +117,24 @@ def test_stage3_pooled_tokens_and_mixed_shots(tmp_path, tiny_data):
     assert any(f"({(vit.num_frames // vit.tubelet_size) * vit.width} features, time pool)" in k for k in probe)
 
 
+def test_frozen_inputs_are_centred_on_the_pretraining_pool(tmp_path, tiny_data):
+    """meta.center_inputs (the default): the model's input_mean is the mean embedding of the MAE's
+    pretraining pool (labels unused), saved with the weights and named in the report; false, or a
+    backbone trained end to end, leaves it zero."""
+    _, out = run(str(tmp_path), tiny_data, "--meta.steps=2", stage=3, name="centred")
+    emb = stmeta.load_checkpoint(os.path.join(out, "embeddings.pt"))["embeddings"]
+    pool = data.ClipCache(tiny_data).pretrain_pool("meta_train")
+    mean = weights(os.path.join(out, "last.pt"))["input_mean"]
+    assert mean.abs().sum() > 0 and torch.allclose(mean, emb[torch.as_tensor(pool)].mean(0))
+    assert "inputs centred on the pretraining pool's mean" in open(os.path.join(out, "report.md")).read()
+    _, off = run(str(tmp_path), tiny_data, "--meta.steps=2", "--meta.center_inputs=false", stage=3, name="off")
+    _, e2e = run(str(tmp_path), tiny_data, "--backbone", "scratch", "--meta.steps=2", stage=3, name="e2e")
+    for folder in (off, e2e):
+        assert not weights(os.path.join(folder, "last.pt"))["input_mean"].any()
+    # a config saved before the field existed was trained uncentred
+    assert stmeta.config_from_dict(stmeta.MetaConfig, {"n_way": 5}).center_inputs is False
+
+
 def test_fixed_input_norm_stays_at_its_start(tmp_path, tiny_data):
     """--meta.learn_input_norm=false with a frozen backbone: the norm's gain and bias are the
     initial input_norm / sqrt(D) and 0 after training; learned (the default), they move."""
