@@ -501,7 +501,8 @@ def preset_omniglot() -> Config:
     reproductions; the paper gives no optimiser settings). The ViT fields describe a small
     encoder at 20 px (5 x 5 tokens of 4 px) for `--backbone mae|scratch` on the same data.
     Use it with a cache of one-frame clips: `python data.py prepare --source folder:OMNIGLOT
-    --size 20 --out CACHE`."""
+    --size 20 --out CACHE`. The MANN reads the pixels uncentred (center_inputs off), as Santoro's
+    does and as the README's Omniglot figures were measured."""
     enc = ViTConfig(img_size=20, num_frames=1, in_chans=3, patch_size=4, tubelet_size=1, width=128, depth=4,
                     num_heads=4, head_dim=32, mlp_ratio=2.0)
     return Config(
@@ -516,7 +517,7 @@ def preset_omniglot() -> Config:
         meta=MetaConfig(layout="sequence", n_way=5, seq_shots=10, backbone="pixels", pixels_size=20, pixels_channels=1,
                         steps=15000, batch_size=16, lr=1e-3, warmup_steps=0, clip_grad=0.0, eval_every=500,
                         ckpt_every=500, val_episodes=320, test_episodes=1000, classify=False,
-                        rotate_classes=True, max_shift=2),
+                        rotate_classes=True, max_shift=2, center_inputs=False),
     )
 
 
