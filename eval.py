@@ -654,7 +654,7 @@ def describe_run(ck: dict, cfg: stmeta.Config, cache) -> str:
               and not mc.classify else f" Labels: {cfg.data.labeled_fraction:.0%} of each meta-train class's "
               f"clips{readers}." if cfg.data.labeled_fraction < 1 else "")
     mean = ck.get("model", {}).get("input_mean")
-    centred = ", inputs centred on the pretraining pool's mean" if mean is not None and bool(mean.abs().sum() > 0) else ""
+    centred = ", inputs centred on the pretraining pool's mean" if mean is not None and bool(mean.any()) else ""
     return (f"{what['model']} on {what['encoder']} ({'frozen' if mc.freeze_backbone else 'end to end'}{centred}), "
             f"preset `{cfg.preset}`, {mc.n_way}-way `{mc.layout}` episodes{shots}; budget {ck.get('step')} steps x "
             f"{mc.batch_size * mc.accum_steps} episodes = {eps:,} episodes{took}{aug}. Data: {cache.root}.{labels}")

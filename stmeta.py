@@ -240,9 +240,9 @@ class MetaConfig:
     # Centre the frozen embeddings before that norm: subtract their mean over the MAE's pretraining
     # pool (labels unused; models.MetaLearner.input_mean), as SimpleShot centres features for
     # nearest-neighbour few-shot (Wang et al. 2019, 1911.04623). The MAE's clip embeddings share
-    # one direction (two random clips' normed embeddings have a cosine of 0.67 on the glyphs, 0.80
+    # one direction (two random clips' normed embeddings have a cosine of 0.66 on the glyphs, 0.80
     # on the Omniglot-moving benchmark; 0.0 once centred) that the MANN's keys otherwise have to
-    # unlearn: centred, it leaves ln 5 two to three times sooner (README, Results: centring).
+    # unlearn: centred, it leaves ln 5 up to three times sooner (README, Results: centring).
     # Frozen backbones only (end to end the features move); false: as before the twelfth session.
     center_inputs: bool = True
     # false: with a frozen backbone, the norm's gain and bias stay at their start (a fixed scale),

@@ -968,17 +968,18 @@ def test_meta_learner():
     model = MetaLearner(bb, mann)
     x = video(B=6, cfg=cfg)
     z = model.backbone(x).view(2, 3, -1)  # two episodes of three clips
-    logits, state = model(z, torch.tensor([[0, 1, -1], [2, -1, -1]]))
+    labels = torch.tensor([[0, 1, -1], [2, -1, -1]])
+    logits, state = model(z, labels)
     assert logits.shape == (2, 3, 3) and isinstance(state, MANNState)
     assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "input_mean", "norm", "mann"}
     # centring: the MANN reads x - input_mean; a state dict from before it existed loads as zero
     with torch.no_grad():
         model.input_mean.normal_()
-    shifted = model(z + model.input_mean, torch.tensor([[0, 1, -1], [2, -1, -1]]))[0]
+    shifted = model(z + model.input_mean, labels)[0]
     old = {k: v for k, v in model.state_dict().items() if k != "input_mean"}
     model.load_state_dict(old)
     assert not model.input_mean.any()
-    torch.testing.assert_close(model(z, torch.tensor([[0, 1, -1], [2, -1, -1]]))[0], shifted)
+    torch.testing.assert_close(model(z, labels)[0], shifted)
 
 
 def test_meta_learner_input_dropout_only_in_training():
